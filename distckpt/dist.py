@@ -1,0 +1,111 @@
+"""Rank context: who this process is and how the ranks agree.
+
+Each ``Checkpointer`` makes two private gloo groups (a collective: every rank constructs
+its Checkpointer in the same order). ``fg`` serves the training thread (restore, the
+preemption vote); ``bg`` serves the save pipeline on its background thread. Collectives
+never run on the default group, and never on NCCL off the main thread: DCP's background
+collectives deadlock on a group the training thread also uses.
+
+``agree(fn)`` is the exception-robust building block: every rank runs ``fn``, the results
+or errors are all-gathered, and an error on any rank becomes ``CheckpointError`` on all.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import CheckpointError, DistckptError, RemoteError
+
+T = TypeVar("T")
+
+
+class RankContext:
+    """Collectives over this job's ranks; world size 1 needs no process group at all."""
+
+    def __init__(self, process_group: Any = None, timeout: timedelta = timedelta(minutes=30)) -> None:
+        self.timeout = timeout
+        if not (dist.is_available() and dist.is_initialized()):
+            env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            if env_world > 1:
+                raise DistckptError(
+                    f"WORLD_SIZE={env_world} but torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group() before creating the Checkpointer"
+                )
+            self.rank, self.world_size = 0, 1
+            self.fg = self.bg = None
+            return
+        ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.fg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+        self.bg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def group(self, bg: bool) -> Any:
+        return self.bg if bg else self.fg
+
+    def all_gather(self, obj: Any, *, bg: bool = False) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group(bg))
+        return out
+
+    def broadcast(self, obj: Any, *, bg: bool = False) -> Any:
+        """The chief's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._global(0, bg), group=self.group(bg))
+        return box[0]
+
+    def any_true(self, flag: bool, *, bg: bool = False) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group(bg))
+        return bool(t.item())
+
+    def barrier(self, *, bg: bool = False) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group(bg))
+
+    def agree(self, fn: Callable[[], T], what: str, *, bg: bool = False) -> list[T]:
+        """Run ``fn`` on every rank; return every rank's result, or raise on every rank."""
+        local_err: BaseException | None = None
+        try:
+            payload: tuple[Any, Any] = (fn(), None)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            local_err = e
+            payload = (None, describe(e))
+        gathered = self.all_gather(payload, bg=bg)
+        errors: dict[int, BaseException] = {}
+        for r, (_, desc) in enumerate(gathered):
+            if desc is not None:
+                errors[r] = local_err if r == self.rank and local_err else RemoteError(r, *desc)
+        if errors:
+            raise CheckpointError(f"{what} failed", errors) from local_err
+        return [value for value, _ in gathered]
+
+    def _global(self, group_rank: int, bg: bool) -> int:
+        return dist.get_global_rank(self.group(bg), group_rank)
+
+
+def describe(exc: BaseException) -> tuple[str, str, str]:
+    """An exception as plain text that any rank can rebuild into a ``RemoteError``."""
+    return type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))

@@ -1,0 +1,134 @@
+"""Engines: who writes which tensors, and how they are read back. Both write DCP folders.
+
+``ShardedEngine``: every rank writes its own shards through ``dcp.save`` on the private
+background gloo group; DCP deduplicates replicated tensors and reshards on load.
+``ChiefEngine``: the state is gathered to full tensors on every rank (a collective for
+FSDP/DTensor models), rank 0 alone writes it as a single-rank DCP folder, and every rank
+reads the whole of it back.
+
+Call order (see ``Engine``): (all ranks, training thread) adapters build the state with
+``full_state``; (ranks where ``writes(ctx)``) stage it; (all ranks, background thread)
+``write``; for restore (all ranks, training thread) ``read``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from .dcp_io import SafeLoadPlanner, record_files
+from .dist import RankContext
+from .manifest import FileRecord, checksum_stream
+from .storage import Storage
+from .tree import dtype_name
+
+
+class Engine(Protocol):
+    mode: str
+    full_state: bool
+
+    def writes(self, ctx: RankContext) -> bool:
+        """Whether this rank writes files (and so needs its state staged)."""
+        ...
+
+    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+        """(all ranks, background) Write this rank's files. Returns its file records and,
+        on the chief, the global tensor table ``{fqn: {"shape", "dtype"}}``."""
+        ...
+
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
+        """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``."""
+        ...
+
+
+class _DcpEngine:
+    mode = ""
+    full_state = False
+
+    def __init__(self, write_threads: int = 4) -> None:
+        self.write_threads = max(1, int(write_threads))
+
+    def _save(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any) -> tuple[list[FileRecord], dict[str, Any]]:
+        writer = storage.dcp_writer(workdir, self.write_threads)
+        recorder = record_files(writer)
+        with _quiet():
+            md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+
+        def read_back(name: str) -> tuple[int, str]:
+            with storage.open_read(storage.join(workdir, name)) as f:
+                return checksum_stream(f)
+
+        return recorder.to_file_records(rank, read_back), tensor_table(md)
+
+    def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any) -> None:
+        if not tensors:
+            return
+        with _quiet():
+            dcp.load(
+                tensors,
+                storage_reader=storage.dcp_reader(stepdir),
+                planner=SafeLoadPlanner(),
+                process_group=group,
+                no_dist=group is None,
+            )
+
+
+class ShardedEngine(_DcpEngine):
+    mode = "sharded"
+    full_state = False
+
+    def writes(self, ctx: RankContext) -> bool:
+        return True
+
+    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+        group = ctx.bg if ctx.distributed else None
+        return self._save(tensors, workdir, storage, ctx.rank, group)
+
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
+        self._load(tensors, stepdir, storage, ctx.fg if ctx.distributed else None)
+
+
+class ChiefEngine(_DcpEngine):
+    mode = "chief"
+    full_state = True
+
+    def writes(self, ctx: RankContext) -> bool:
+        return ctx.is_chief
+
+    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+        if not ctx.is_chief:
+            return [], {}
+        return self._save(tensors, workdir, storage, 0, None)
+
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
+        self._load(tensors, stepdir, storage, None)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save in a single process" (it is)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def make_engine(mode: str, write_threads: int = 4) -> Engine:
+    engines = {"sharded": ShardedEngine, "chief": ChiefEngine}
+    if mode not in engines:
+        raise ValueError(f"mode must be 'sharded' or 'chief', got {mode!r}")
+    return engines[mode](write_threads)
+
+
+def tensor_table(md: Metadata | None) -> dict[str, Any]:
+    """Global shape and dtype of every tensor in DCP metadata, as JSON."""
+    out: dict[str, Any] = {}
+    for fqn, item in (md.state_dict_metadata if md else {}).items():
+        if isinstance(item, TensorStorageMetadata):
+            out[fqn] = {"shape": list(item.size), "dtype": dtype_name(item.properties.dtype)}
+    return out

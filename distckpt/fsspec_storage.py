@@ -1,0 +1,89 @@
+"""Storage over any fsspec filesystem (S3 through s3fs, GCS, memory, ...).
+
+The only module of distckpt that imports fsspec. Object stores have no atomic rename
+(fsspec's ``mv`` is copy + delete), so ``atomic_rename`` is false here and the commit is
+the manifest, written last with an exclusive create (``If-None-Match: *`` on S3).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, BinaryIO
+
+import fsspec
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+from .dcp_io import SafeReaderMixin
+
+
+class _SafeFsspecReader(SafeReaderMixin, FsspecReader):
+    """``FsspecReader`` that never runs code from the checkpoint."""
+
+
+class FsspecStorage:
+    atomic_rename = False
+    kind = "object"
+
+    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"cannot open {url!r}: {e}") from e
+        self.protocol = self.url.split("://", 1)[0]
+        self.root = root.rstrip("/")
+
+    def _url(self, path: str) -> str:
+        return f"{self.protocol}://{path}"
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(*parts)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in entries if p.rstrip("/") != path)
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(path))
+
+    def size(self, path: str) -> int:
+        return int(self.fs.info(path)["size"])
+
+    def read_bytes(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(path))
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self.fs.open(path, "rb")
+
+    def write_bytes(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        if exclusive:
+            self.fs.pipe_file(path, data, mode="create")
+        else:
+            self.fs.pipe_file(path, data)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def rmtree(self, path: str) -> None:
+        self.fs.rm(path, recursive=True)
+
+    def remove(self, path: str) -> None:
+        self.fs.rm_file(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError(f"{self.protocol}:// has no atomic rename; commit with a marker")
+
+    def fsync_dir(self, path: str) -> None:
+        """Object stores are durable once a PUT returns."""
+
+    def dcp_writer(self, path: str, thread_count: int) -> Any:
+        return FsspecWriter(
+            self._url(path), thread_count=thread_count, sync_files=False, **self.storage_options
+        )
+
+    def dcp_reader(self, path: str) -> Any:
+        return _SafeFsspecReader(self._url(path), **self.storage_options)

@@ -1,0 +1,200 @@
+"""Recoverables: what a Checkpointer saves and restores, each behind a small adapter.
+
+* ``nn.Module`` - through ``torch.distributed.checkpoint.state_dict`` (strips DDP's
+  ``module.`` prefix, shards or gathers FSDP2/DTensor parameters as the engine needs);
+* ``torch.optim.Optimizer`` - keyed by parameter names when its model is also a
+  recoverable, so its state reshards and survives reordering;
+* anything with ``state_dict()``/``load_state_dict()`` (DCP's ``Stateful``): schedulers,
+  grad scalers, samplers, user objects;
+* a ``torch.Tensor`` (restored in place), a ``dict`` (contents replaced in place), or a
+  plain JSON value (read it back from ``ckpt.recoverables[name]``);
+* any other type once ``register_hooks(cls, save=, load=)`` says how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .errors import IncompatibleCheckpointError
+
+_HOOKS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {}
+
+
+def register_hooks(cls: type, *, save: Callable[[Any], Any], load: Callable[[Any, Any], None]) -> None:
+    """Teach distckpt a type: ``save(obj) -> state`` and ``load(obj, state)``.
+
+    ``state`` may hold tensors, numpy arrays and JSON values, nested in dicts and lists.
+    """
+    if not isinstance(cls, type) or not callable(save) or not callable(load):
+        raise TypeError("register_hooks(cls, save=callable, load=callable)")
+    _HOOKS[cls] = (save, load)
+
+
+@dataclass
+class Adapter:
+    """One recoverable. ``full`` asks for an unsharded (gathered) state, as chief mode does.
+
+    ``state(full)``: what to save. ``target(full, saved)``: a state of the right structure
+    whose tensors restore fills in place. ``load(state, full, strict)``: apply a restored state.
+    """
+
+    obj: Any
+    per_rank: bool = False
+
+    def state(self, full: bool) -> Any:
+        return self.obj.state_dict()
+
+    def target(self, full: bool, saved: Any) -> Any:
+        return self.state(full)
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        self.obj.load_state_dict(state)
+
+    @property
+    def value(self) -> Any:
+        return self.obj
+
+
+def _options(full: bool, offload: bool = False, strict: bool = True) -> StateDictOptions:
+    # Saving a full state offloads to CPU on the chief (other ranks get nothing: they do not
+    # write). Restore targets stay on the device on every rank, since every rank loads.
+    return StateDictOptions(full_state_dict=full, cpu_offload=full and offload, strict=strict)
+
+
+class ModuleAdapter(Adapter):
+    def state(self, full: bool) -> Any:
+        return get_model_state_dict(self.obj, options=_options(full, offload=True))
+
+    def target(self, full: bool, saved: Any) -> Any:
+        return get_model_state_dict(self.obj, options=_options(full))
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        set_model_state_dict(self.obj, state, options=_options(full, strict=strict))
+
+
+class OptimizerAdapter(Adapter):
+    """Optimizer state keyed by parameter FQNs when its model is known."""
+
+    model: nn.Module | None = None
+
+    def state(self, full: bool) -> Any:
+        if self.model is None or not self.obj.state:
+            # A never-stepped optimizer has no tensors; keep it that way (DCP's helper
+            # would take a zero-lr step to create them, shifting Adam's step count).
+            return self.obj.state_dict()
+        return get_optimizer_state_dict(self.model, self.obj, options=_options(full, offload=True))
+
+    def target(self, full: bool, saved: Any) -> Any:
+        if self.model is None or _empty_optimizer_state(saved):
+            return self.obj.state_dict()
+        return get_optimizer_state_dict(self.model, self.obj, options=_options(full))
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        if self.model is None or _empty_optimizer_state(state):
+            self.obj.load_state_dict(state)
+        else:
+            set_optimizer_state_dict(self.model, self.obj, state, options=_options(full))
+
+
+class TensorAdapter(Adapter):
+    def state(self, full: bool) -> Any:
+        return self.obj
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        if state is not self.obj:
+            if state.shape != self.obj.shape:
+                raise IncompatibleCheckpointError(
+                    f"tensor shape {tuple(state.shape)} in checkpoint, {tuple(self.obj.shape)} here"
+                )
+            with torch.no_grad():
+                self.obj.copy_(state)
+
+
+class DictAdapter(Adapter):
+    def state(self, full: bool) -> Any:
+        return self.obj
+
+    def target(self, full: bool, saved: Any) -> Any:
+        return {}  # tensors come back as new tensors, then replace the dict's contents
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        self.obj.clear()
+        self.obj.update(state)
+
+
+class ValueAdapter(Adapter):
+    """A plain JSON value (int, float, str, list, ...): it is replaced on restore."""
+
+    def state(self, full: bool) -> Any:
+        return self.obj
+
+    def target(self, full: bool, saved: Any) -> Any:
+        return None
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        self.obj = state
+
+
+class HookAdapter(Adapter):
+    def __init__(self, obj: Any, hooks: tuple[Callable[[Any], Any], Callable[[Any, Any], None]]) -> None:
+        super().__init__(obj)
+        self.hooks = hooks
+
+    def state(self, full: bool) -> Any:
+        return self.hooks[0](self.obj)
+
+    def load(self, state: Any, full: bool, strict: bool = True) -> None:
+        self.hooks[1](self.obj, state)
+
+
+_VALUE_TYPES = (int, float, str, bool, type(None), list, tuple)
+
+
+def make_adapter(obj: Any, hooks: dict[type, Any] | None = None) -> Adapter:
+    """Choose how to checkpoint ``obj``; a clear TypeError when there is no way."""
+    for table in (hooks or {}, _HOOKS):
+        for cls in type(obj).__mro__:
+            if cls in table:
+                return HookAdapter(obj, table[cls])
+    if isinstance(obj, nn.Module):
+        return ModuleAdapter(obj)
+    if isinstance(obj, torch.optim.Optimizer):
+        return OptimizerAdapter(obj)
+    if isinstance(obj, torch.Tensor):
+        return TensorAdapter(obj)
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return Adapter(obj, per_rank=bool(getattr(obj, "distckpt_per_rank", False)))
+    if isinstance(obj, dict):
+        return DictAdapter(obj)
+    if isinstance(obj, _VALUE_TYPES):
+        return ValueAdapter(obj)
+    raise TypeError(
+        f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}: give it "
+        "state_dict()/load_state_dict(), or call distckpt.register_hooks(cls, save=..., load=...)"
+    )
+
+
+def link_optimizers(adapters: dict[str, Adapter]) -> None:
+    """Tell each optimizer which recoverable module owns its parameters (FQN keys)."""
+    modules = [a.obj for a in adapters.values() if isinstance(a, ModuleAdapter)]
+    for a in adapters.values():
+        if isinstance(a, OptimizerAdapter):
+            params = {id(p) for g in a.obj.param_groups for p in g["params"]}
+            owners = [m for m in modules if params <= {id(p) for p in m.parameters()}]
+            a.model = owners[0] if len(owners) == 1 else None
+
+
+def _empty_optimizer_state(state: Any) -> bool:
+    return isinstance(state, dict) and not state.get("state")

@@ -1,0 +1,237 @@
+"""The agreed restore.
+
+1. (chief) list committed steps, rank them by the request, broadcast the list.
+2. (all ranks) check the first candidate: manifest, ``state.json``, and the files' sizes
+   (checksums with ``verify=True``), the files shared out between ranks; the verdicts are
+   all-gathered. If any rank found a problem, every rank logs it and moves to the next
+   candidate together - unless the step was asked for by number.
+3. (all ranks) match the checkpoint against the recoverables (names, keys, shapes) and
+   raise ``IncompatibleCheckpointError`` naming the key and both shapes on a mismatch.
+4. (all ranks) DCP loads the tensors in place (resharding to this world size), then each
+   recoverable gets its state back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .catalog import Catalog
+from .dist import RankContext
+from .engine import Engine
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NoCheckpointError,
+    RemoteError,
+)
+from .info import CheckpointInfo
+from .log import log
+from .manifest import Manifest, checksum_stream
+from .recoverables import Adapter, ModuleAdapter
+from .storage import Storage
+from .tree import dtype_from_name, join, split, tensor_refs
+
+
+@dataclass
+class _Plan:
+    dest: dict[str, torch.Tensor] = field(default_factory=dict)
+    skip: set[str] = field(default_factory=set)
+    cast: list[str] = field(default_factory=list)
+
+
+class Restorer:
+    def __init__(self, ctx: RankContext, storage: Storage, catalog: Catalog, engine: Engine) -> None:
+        self.ctx, self.storage, self.catalog, self.engine = ctx, storage, catalog, engine
+
+    @staticmethod
+    def rank_candidates(
+        infos: Sequence[CheckpointInfo],
+        step: int | None,
+        min_key: str | None,
+        max_key: str | None,
+        predicate: Callable[[CheckpointInfo], bool] | None,
+    ) -> list[CheckpointInfo]:
+        """Committed checkpoints in the order a restore would try them."""
+        if sum(x is not None for x in (step, min_key, max_key)) > 1:
+            raise ValueError("give at most one of step=, min_key=, max_key=")
+        if step is not None:
+            return [i for i in infos if i.step == step]
+        chosen = [i for i in infos if predicate is None or predicate(i)]
+        key = min_key or max_key
+        if key is None:
+            return sorted(chosen, key=lambda i: -i.step)
+        scored = [(v, i) for i in chosen if (v := _number(i.meta.get(key))) is not None]
+        sign = 1 if min_key else -1
+        return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
+
+    def restore(self, adapters: dict[str, Adapter], *, step: int | None, min_key: str | None, max_key: str | None, predicate: Any, verify: bool, strict: bool) -> CheckpointInfo | None:
+        ctx = self.ctx
+
+        def choose() -> list[int] | None:
+            if not ctx.is_chief:
+                return None
+            ranked = self.rank_candidates(self.catalog.list(), step, min_key, max_key, predicate)
+            return [c.step for c in ranked]
+
+        steps = ctx.agree(choose, "choosing a checkpoint to restore")[0]
+        if not steps:
+            if step is not None:
+                raise NoCheckpointError(f"step {step} is not a committed checkpoint in {self.storage.url}; see Checkpointer.list()")
+            log.info("no committed checkpoint in %s (matching the request); starting fresh", self.storage.url)
+            return None
+        failures = []
+        for candidate in steps:
+            try:
+                man, state = self._check(candidate, verify)
+                return self._load(adapters, candidate, man, state, strict)
+            except (CheckpointError, CorruptCheckpointError) as e:
+                _raise_if_incompatible(e)
+                if step is not None:
+                    raise CorruptCheckpointError(f"step {step} cannot be restored: {e}") from e
+                failures.append(f"step {candidate}: {e}")
+                log.warning("step %d cannot be restored (%s); all ranks fall back to the next older committed step", candidate, e)
+        raise CorruptCheckpointError(
+            f"no committed checkpoint in {self.storage.url} could be restored ({'; '.join(failures)}); "
+            "check the storage, or move the damaged step directories away to start fresh"
+        )
+
+    # --- 2. checking ------------------------------------------------------------------
+
+    def _check(self, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
+        found: dict[str, Any] = {}
+
+        def check() -> None:
+            man = self.catalog.read_manifest(step)
+            found["state"] = self.catalog.read_state(step, man)
+            found["manifest"] = man
+            names = sorted(man.files)
+            for name in names[self.ctx.rank :: self.ctx.world_size]:
+                self._check_file(step, man, name, verify)
+
+        self.ctx.agree(check, f"checking step {step}")
+        return found["manifest"], found["state"]
+
+    def _check_file(self, step: int, man: Manifest, name: str, verify: bool) -> None:
+        rec = man.files[name]
+        path = self.storage.join(self.catalog.step_path(step), name)
+        try:
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        if size != rec.size:
+            raise CorruptCheckpointError(f"step {step}: {name} is {size} bytes, the manifest says {rec.size} (truncated?)")
+        if verify:
+            with self.storage.open_read(path) as f:
+                _, digest = checksum_stream(f)
+            if digest != rec.crc32c:
+                raise CorruptCheckpointError(f"step {step}: {name} fails its checksum (crc32c {digest}, manifest {rec.crc32c})")
+
+    # --- 3 + 4. matching and loading ------------------------------------------------------
+
+    def _load(self, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool) -> CheckpointInfo:
+        full = self.engine.full_state
+        saved = state.get("recoverables", {})
+        plan = self._plan(adapters, saved, state, strict, step)
+        if plan.cast:
+            log.warning("step %d: %d tensors will be cast to this model's dtypes, e.g. %s", step, len(plan.cast), plan.cast[:3])
+        stepdir = self.catalog.step_path(step)
+        load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
+        self.ctx.agree(lambda: self.engine.read(load, stepdir, self.storage, self.ctx), f"reading step {step}")
+
+        def apply() -> None:
+            for name, adapter in adapters.items():
+                if adapter.per_rank:
+                    self._apply_per_rank(name, adapter, state, man)
+                elif name in saved:
+                    restored = join(saved[name], plan.dest)
+                    if plan.skip and isinstance(restored, dict):
+                        restored = {k: v for k, v in restored.items() if f"{name}.{k}" not in plan.skip}
+                    adapter.load(restored, full, strict)
+
+        self.ctx.agree(apply, f"applying step {step}")
+        info = self.catalog.info(man)
+        log.info("restored step %d from %s (saved by %d ranks in %s mode)", step, info.url, man.world_size, man.mode)
+        return info
+
+    def _plan(self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int) -> _Plan:
+        """Every rank works out the same plan; mismatches raise on every rank together."""
+        result: dict[str, _Plan] = {}
+
+        def plan() -> None:
+            result["plan"] = self._match(adapters, saved, state, strict, step)
+
+        self.ctx.agree(plan, f"matching step {step} against the recoverables")
+        return result["plan"]
+
+    def _match(self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int) -> _Plan:
+        table, per_rank = state.get("tensors", {}), state.get("per_rank", {})
+        absent = [n for n in adapters if n not in saved and n not in per_rank]
+        if absent and strict:
+            raise IncompatibleCheckpointError(
+                f"step {step} holds no {absent} (it has {sorted(saved) + sorted(per_rank)}); "
+                "pass strict=False to restore the rest"
+            )
+        out, problems = _Plan(), []
+        for name, adapter in adapters.items():
+            if adapter.per_rank or name not in saved:
+                continue
+            _, have = split(adapter.target(self.engine.full_state, saved[name]), name)
+            want = tensor_refs(saved[name])
+            for fqn in want:
+                spec = table.get(fqn)
+                if spec is None:
+                    raise CorruptCheckpointError(f"step {step}: state.json names tensor {fqn!r} that DCP metadata lacks")
+                shape, dtype = tuple(spec["shape"]), dtype_from_name(spec["dtype"])
+                if fqn in have:
+                    if tuple(have[fqn].shape) != shape:
+                        problems.append(f"{fqn}: checkpoint has shape {list(shape)}, this job has {list(have[fqn].shape)}")
+                    elif have[fqn].dtype != dtype:
+                        out.cast.append(fqn)
+                    out.dest[fqn] = have[fqn]
+                elif isinstance(adapter, ModuleAdapter):
+                    (problems.append(f"{fqn}: in the checkpoint but not in the model") if strict else out.skip.add(fqn))
+                    out.dest[fqn] = torch.empty(0)
+                else:
+                    out.dest[fqn] = torch.empty(shape, dtype=dtype)
+            missing = sorted(have.keys() - set(want))
+            if missing and strict:
+                problems.append(f"{name}: {len(missing)} keys not in the checkpoint, e.g. {missing[:5]}")
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"step {step} does not fit this job:\n  " + "\n  ".join(problems[:20])
+                + "\nRestore into the model the checkpoint was saved from, or use distckpt.transfer() / strict=False"
+            )
+        return out
+
+    def _apply_per_rank(self, name: str, adapter: Adapter, state: dict[str, Any], man: Manifest) -> None:
+        ranks = state.get("per_rank", {}).get(name) or []
+        mine = ranks[self.ctx.rank] if self.ctx.rank < len(ranks) else None
+        if mine is None:
+            log.warning(
+                "%r was saved per rank by %d ranks; rank %d has no saved state and keeps its own",
+                name, man.world_size, self.ctx.rank,
+            )
+            return
+        adapter.load(join(mine, {}), self.engine.full_state, True)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _raise_if_incompatible(err: BaseException) -> None:
+    """A mismatch between checkpoint and job is not corruption: never fall back over it."""
+    errors = getattr(err, "errors", {}) or {}
+    for exc in errors.values():
+        if isinstance(exc, IncompatibleCheckpointError):
+            raise exc
+        if isinstance(exc, RemoteError) and exc.type_name == "IncompatibleCheckpointError":
+            raise IncompatibleCheckpointError(str(exc).split(": ", 1)[-1]) from err
