@@ -83,6 +83,7 @@ class _Job:
     stage_s: float = 0.0
     staging_bytes: int = 0
     started: float = field(default_factory=time.perf_counter)
+    error: Exception | None = None
 
 
 class Checkpointer:
@@ -184,7 +185,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         step, meta = _check_step(step), _check_meta(meta)
         self._drain(self._max_in_flight - 1)
-        job = self._snapshot(step, meta, t0)
+        try:
+            job = self._snapshot(step, meta, t0)
+        except Exception as e:  # noqa: BLE001 - other ranks are heading into collectives:
+            # carry the error into the job so that every rank raises it together.
+            job = _Job(step, meta, {}, {}, {}, error=e)
         if self._executor is None:
             future: Future = Future()
             try:
@@ -224,7 +229,7 @@ class Checkpointer:
         with self._lock:
             self._active.add(workdir)
         try:
-            ctx.agree(lambda: self._prepare(job.step, workdir), f"preparing step {job.step}", bg=True)
+            ctx.agree(lambda: self._prepare(job, workdir), f"preparing step {job.step}", bg=True)
             t_write = time.perf_counter()
             results = ctx.agree(lambda: self._write(job, workdir), f"writing step {job.step}", bg=True)
             t_commit = time.perf_counter()
@@ -256,7 +261,10 @@ class Checkpointer:
             self._retain()
         return info
 
-    def _prepare(self, step: int, workdir: str) -> None:
+    def _prepare(self, job: _Job, workdir: str) -> None:
+        if job.error is not None:
+            raise job.error
+        step = job.step
         if self._ctx.is_chief and self._catalog.is_committed(step):
             raise DistckptError(f"step {step} is already committed; save under a new step number or delete it first")
         if self._engine.writes(self._ctx):
@@ -370,7 +378,7 @@ class Checkpointer:
         min_key: str | None = None,
         max_key: str | None = None,
         predicate: Callable[[CheckpointInfo], bool] | None = None,
-        verify: bool = False,
+        verify: bool = True,
         strict: bool = True,
     ) -> CheckpointInfo | None:
         """Restore every recoverable, on every rank, from one agreed committed step.
@@ -378,8 +386,8 @@ class Checkpointer:
         Without arguments: the newest. ``step=``: exactly that one. ``min_key=``/``max_key=``:
         the best by a meta value. ``predicate=``: newest for which it is true. A step that
         any rank cannot read is skipped (all ranks move together to the next candidate,
-        with a warning) unless it was asked for by number. ``verify=True`` also checks every
-        file's checksum. Returns ``None`` when there is no committed checkpoint. Collective.
+        with a warning) unless it was asked for by number. ``verify`` (default on) checks every
+        file's CRC-32C as well as its size; ``verify=False`` trusts sizes alone. Returns ``None`` when there is no committed checkpoint. Collective.
         """
         self._check_open()
         self.wait()

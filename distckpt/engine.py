@@ -13,9 +13,7 @@ Call order (see ``Engine``): (all ranks, training thread) adapters build the sta
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +25,9 @@ from .dist import RankContext
 from .manifest import FileRecord, checksum_stream
 from .storage import Storage
 from .tree import dtype_name
+
+# A single-process save or load is exactly what distckpt means when it passes no_dist.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
 
 
 class Engine(Protocol):
@@ -57,8 +58,7 @@ class _DcpEngine:
     def _save(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any) -> tuple[list[FileRecord], dict[str, Any]]:
         writer = storage.dcp_writer(workdir, self.write_threads)
         recorder = record_files(writer)
-        with _quiet():
-            md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+        md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
 
         def read_back(name: str) -> tuple[int, str]:
             with storage.open_read(storage.join(workdir, name)) as f:
@@ -69,14 +69,13 @@ class _DcpEngine:
     def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any) -> None:
         if not tensors:
             return
-        with _quiet():
-            dcp.load(
-                tensors,
-                storage_reader=storage.dcp_reader(stepdir),
-                planner=SafeLoadPlanner(),
-                process_group=group,
-                no_dist=group is None,
-            )
+        dcp.load(
+            tensors,
+            storage_reader=storage.dcp_reader(stepdir),
+            planner=SafeLoadPlanner(),
+            process_group=group,
+            no_dist=group is None,
+        )
 
 
 class ShardedEngine(_DcpEngine):
@@ -108,14 +107,6 @@ class ChiefEngine(_DcpEngine):
 
     def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
         self._load(tensors, stepdir, storage, None)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence DCP's "assuming the intent is to save in a single process" (it is)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        yield
 
 
 def make_engine(mode: str, write_threads: int = 4) -> Engine:
