@@ -41,6 +41,20 @@ class Catalog:
         """Step numbers with a step directory name (committed or not), ascending."""
         return sorted(s for s in map(parse_step_dirname, self._names()) if s is not None)
 
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest exists (readable or not), ascending."""
+        return [s for s in self.candidate_steps() if self.is_committed(s)]
+
+    def check_root(self) -> None:
+        """Refuse a root that is itself one checkpoint (a common slip), with the fix."""
+        names = set(self._names())
+        if MANIFEST in names or ".metadata" in names:
+            kind = "a distckpt step" if MANIFEST in names else "a plain torch.distributed.checkpoint folder"
+            raise DistckptError(
+                f"{self.storage.url} is {kind}, not a checkpoint root; point the Checkpointer at the "
+                "directory that holds the step_* folders (or load a plain DCP folder with dcp.load)"
+            )
+
     def is_committed(self, step: int) -> bool:
         return self.storage.exists(self.storage.join(self.step_path(step), MANIFEST))
 
@@ -83,9 +97,7 @@ class Catalog:
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first. A step whose manifest is damaged is skipped with a warning."""
         out = []
-        for step in self.candidate_steps():
-            if not self.is_committed(step):
-                continue
+        for step in self.committed_steps():
             try:
                 out.append(self.info(self.read_manifest(step)))
             except (CorruptCheckpointError, OSError) as e:

@@ -303,9 +303,9 @@ class Checkpointer:
     def _open_root(self) -> str | None:
         if not self._ctx.is_chief:
             return None
+        self._catalog.check_root()  # fails early, clearly, on a file or a single step
         if self._storage.atomic_rename:
             self._storage.makedirs(self._catalog.root)
-        self._catalog.candidate_steps()  # fails early, clearly, if the root is a file
         self._catalog.clean_leftovers()
         return uuid.uuid4().hex[:12]
 

@@ -90,7 +90,10 @@ class RankContext:
         local_err: BaseException | None = None
         try:
             payload: tuple[Any, Any] = (fn(), None)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the other ranks
+            # (torch's CheckpointException derives from BaseException, hence the breadth)
             local_err = e
             payload = (None, describe(e))
         gathered = self.all_gather(payload, bg=bg)

@@ -13,15 +13,19 @@ Call order (see ``Engine``): (all ranks, training thread) adapters build the sta
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from .dcp_io import SafeLoadPlanner, record_files
 from .dist import RankContext
+from .errors import CheckpointError, CorruptCheckpointError, DistckptError
 from .manifest import FileRecord, checksum_stream
 from .storage import Storage
 from .tree import dtype_name
@@ -58,7 +62,8 @@ class _DcpEngine:
     def _save(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any) -> tuple[list[FileRecord], dict[str, Any]]:
         writer = storage.dcp_writer(workdir, self.write_threads)
         recorder = record_files(writer)
-        md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+        with _unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
+            md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
 
         def read_back(name: str) -> tuple[int, str]:
             with storage.open_read(storage.join(workdir, name)) as f:
@@ -69,13 +74,14 @@ class _DcpEngine:
     def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any) -> None:
         if not tensors:
             return
-        dcp.load(
-            tensors,
-            storage_reader=storage.dcp_reader(stepdir),
-            planner=SafeLoadPlanner(),
-            process_group=group,
-            no_dist=group is None,
-        )
+        with _unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
+            dcp.load(
+                tensors,
+                storage_reader=storage.dcp_reader(stepdir),
+                planner=SafeLoadPlanner(),
+                process_group=group,
+                no_dist=group is None,
+            )
 
 
 class ShardedEngine(_DcpEngine):
@@ -107,6 +113,23 @@ class ChiefEngine(_DcpEngine):
 
     def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
         self._load(tensors, stepdir, storage, None)
+
+
+@contextlib.contextmanager
+def _unwrap_dcp_errors(what: str, kind: type[DistckptError]) -> Iterator[None]:
+    """DCP raises ``CheckpointException`` (a BaseException) carrying per-rank tracebacks;
+    turn it into one of ours with each rank's underlying error, and keep ours as they are."""
+    try:
+        yield
+    except CheckpointException as e:
+        causes = {rank: pair[0] for rank, pair in e.failures.items()}
+        ours = [c for c in causes.values() if isinstance(c, DistckptError)]
+        if ours:
+            raise ours[0] from None
+        detail = "; ".join(f"rank {r}: {type(c).__name__}: {str(c).splitlines()[0] if str(c) else ''}" for r, c in sorted(causes.items()))
+        if kind is CheckpointError:
+            raise CheckpointError(f"{what} failed", {r: c for r, c in causes.items() if isinstance(c, Exception)}) from None
+        raise kind(f"{what} failed ({detail}); this step is damaged, restore an older one") from None
 
 
 def make_engine(mode: str, write_threads: int = 4) -> Engine:

@@ -58,8 +58,7 @@ class Restorer:
         predicate: Callable[[CheckpointInfo], bool] | None,
     ) -> list[CheckpointInfo]:
         """Committed checkpoints in the order a restore would try them."""
-        if sum(x is not None for x in (step, min_key, max_key)) > 1:
-            raise ValueError("give at most one of step=, min_key=, max_key=")
+        check_selection(step, min_key, max_key)
         if step is not None:
             return [i for i in infos if i.step == step]
         chosen = [i for i in infos if predicate is None or predicate(i)]
@@ -72,10 +71,14 @@ class Restorer:
 
     def restore(self, adapters: dict[str, Adapter], *, step: int | None, min_key: str | None, max_key: str | None, predicate: Any, verify: bool, strict: bool) -> CheckpointInfo | None:
         ctx = self.ctx
+        check_selection(step, min_key, max_key)  # bad arguments raise before any collective
 
         def choose() -> list[int] | None:
             if not ctx.is_chief:
                 return None
+            if step is None and min_key is None and max_key is None and predicate is None:
+                # newest first, damaged manifests included: they fail their check loudly
+                return sorted(self.catalog.committed_steps(), reverse=True)
             ranked = self.rank_candidates(self.catalog.list(), step, min_key, max_key, predicate)
             return [c.step for c in ranked]
 
@@ -219,6 +222,11 @@ class Restorer:
             )
             return
         adapter.load(join(mine, {}), self.engine.full_state, True)
+
+
+def check_selection(step: int | None, min_key: str | None, max_key: str | None) -> None:
+    if sum(x is not None for x in (step, min_key, max_key)) > 1:
+        raise ValueError("give at most one of step=, min_key=, max_key=")
 
 
 def _number(value: Any) -> float | None:

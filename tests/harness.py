@@ -10,6 +10,7 @@ after ``timeout`` seconds instead of stalling CI.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -30,6 +31,21 @@ def _context() -> Any:
     return _CTX
 
 
+def _pack(result: Any) -> bytes:
+    # Tensors must not travel as shared-memory handles: the child exits right after.
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def _child(fn: Any, rank: int, world_size: int, store: str, args: tuple, out: Any, timeout: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     import torch.distributed as dist
@@ -43,7 +59,7 @@ def _child(fn: Any, rank: int, world_size: int, store: str, args: tuple, out: An
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout),
             )
-        out.put((rank, "ok", fn(rank, world_size, *args)))
+        out.put((rank, "ok", _pack(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -96,7 +112,10 @@ def _collect(procs: list[Any], out: Any, world_size: int, timeout: float) -> tup
                 if time.monotonic() - dead_since > 15:
                     break
             continue
-        (results if status == "ok" else errors)[rank] = payload
+        if status == "ok":
+            results[rank] = _unpack(payload)
+        else:
+            errors[rank] = payload
     for p in procs:
         if p.is_alive():
             p.kill()
