@@ -48,6 +48,9 @@ class ResumableSampler(DistributedSampler):
     next sample this rank has not yet yielded, and ``sampler.epoch`` is the epoch to run.
     Exact with ``DataLoader(num_workers=0)``; with worker processes the loader reads ahead
     of training, so use torchdata's ``StatefulDataLoader`` (also a valid recoverable).
+    Give the DataLoader its own ``generator=torch.Generator()``: otherwise every new
+    iterator draws a seed from the global RNG, and a resumed run, which starts its
+    iterator mid-epoch, would see a different random stream from then on.
     """
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
