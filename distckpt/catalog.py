@@ -77,7 +77,9 @@ class Catalog:
             raise CorruptCheckpointError(f"step {step}: manifest lists no {STATE_FILE}")
         data = self.storage.read_bytes(path)
         if len(data) != rec.size or checksum_bytes(data) != rec.crc32c:
-            raise CorruptCheckpointError(f"{path} does not match its manifest (size or checksum); restore an older step")
+            raise CorruptCheckpointError(
+                f"{path} does not match its manifest (size or checksum); restore an older step"
+            )
         try:
             return json.loads(data)
         except ValueError as e:

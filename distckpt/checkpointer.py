@@ -255,7 +255,12 @@ class Checkpointer:
         info = replace(infos[0], stats=stats)
         log.info(
             "step %d committed: stall %.3fs, write %.3fs (%.2f GB/s), commit %.3fs, %d bytes on this rank",
-            job.step, stats.stall_s, stats.write_s, stats.write_gbps, stats.commit_s, stats.bytes_written,
+            job.step,
+            stats.stall_s,
+            stats.write_s,
+            stats.write_gbps,
+            stats.commit_s,
+            stats.bytes_written,
         )
         if ctx.is_chief:
             self._retain()
@@ -286,7 +291,9 @@ class Checkpointer:
         self._storage.write_bytes(self._storage.join(workdir, STATE_FILE), data)
         files = {rec.name: rec for records, _, _ in results for rec in records}
         files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
-        manifest = Manifest(step=job.step, world_size=self._ctx.world_size, mode=self._engine.mode, files=files, meta=job.meta)
+        manifest = Manifest(
+            step=job.step, world_size=self._ctx.world_size, mode=self._engine.mode, files=files, meta=job.meta
+        )
         self._commit.finish(workdir, manifest)
         return self._catalog.info(manifest)
 
@@ -366,7 +373,13 @@ class Checkpointer:
         """Committed checkpoints, oldest first (a local read; uncommitted work never shows)."""
         return self._catalog.list()
 
-    def find(self, *, min_key: str | None = None, max_key: str | None = None, predicate: Callable[[CheckpointInfo], bool] | None = None) -> CheckpointInfo | None:
+    def find(
+        self,
+        *,
+        min_key: str | None = None,
+        max_key: str | None = None,
+        predicate: Callable[[CheckpointInfo], bool] | None = None,
+    ) -> CheckpointInfo | None:
         """The committed checkpoint ``restore`` would pick with the same arguments (local read)."""
         ranked = self._restorer.rank_candidates(self.list(), None, min_key, max_key, predicate)
         return ranked[0] if ranked else None
@@ -392,7 +405,13 @@ class Checkpointer:
         self._check_open()
         self.wait()
         return self._restorer.restore(
-            self._adapters, step=step, min_key=min_key, max_key=max_key, predicate=predicate, verify=verify, strict=strict
+            self._adapters,
+            step=step,
+            min_key=min_key,
+            max_key=max_key,
+            predicate=predicate,
+            verify=verify,
+            strict=strict,
         )
 
     def delete(self, keep: Any = None) -> list[int]:

@@ -102,9 +102,7 @@ class MarkerCommit:
         try:
             self.storage.write_bytes(self.storage.join(workdir, MANIFEST), manifest.to_json(), exclusive=True)
         except FileExistsError as e:
-            raise CommitError(
-                f"step {step} is already committed at {workdir}; save under a new step number"
-            ) from e
+            raise CommitError(f"step {step} is already committed at {workdir}; save under a new step number") from e
         return workdir
 
     def abort(self, workdir: str) -> None:

@@ -156,7 +156,9 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         elif (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        elif module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from DCP metadata")
 

@@ -42,7 +42,9 @@ class Engine(Protocol):
         """Whether this rank writes files (and so needs its state staged)."""
         ...
 
-    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+    def write(
+        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
         """(all ranks, background) Write this rank's files. Returns its file records and,
         on the chief, the global tensor table ``{fqn: {"shape", "dtype"}}``."""
         ...
@@ -59,7 +61,9 @@ class _DcpEngine:
     def __init__(self, write_threads: int = 4) -> None:
         self.write_threads = max(1, int(write_threads))
 
-    def _save(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any) -> tuple[list[FileRecord], dict[str, Any]]:
+    def _save(
+        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
         writer = storage.dcp_writer(workdir, self.write_threads)
         recorder = record_files(writer)
         with _unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
@@ -91,7 +95,9 @@ class ShardedEngine(_DcpEngine):
     def writes(self, ctx: RankContext) -> bool:
         return True
 
-    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+    def write(
+        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
         group = ctx.bg if ctx.distributed else None
         return self._save(tensors, workdir, storage, ctx.rank, group)
 
@@ -106,7 +112,9 @@ class ChiefEngine(_DcpEngine):
     def writes(self, ctx: RankContext) -> bool:
         return ctx.is_chief
 
-    def write(self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext) -> tuple[list[FileRecord], dict[str, Any]]:
+    def write(
+        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
         if not ctx.is_chief:
             return [], {}
         return self._save(tensors, workdir, storage, 0, None)
@@ -126,9 +134,14 @@ def _unwrap_dcp_errors(what: str, kind: type[DistckptError]) -> Iterator[None]:
         ours = [c for c in causes.values() if isinstance(c, DistckptError)]
         if ours:
             raise ours[0] from None
-        detail = "; ".join(f"rank {r}: {type(c).__name__}: {str(c).splitlines()[0] if str(c) else ''}" for r, c in sorted(causes.items()))
+        detail = "; ".join(
+            f"rank {r}: {type(c).__name__}: {str(c).splitlines()[0] if str(c) else ''}"
+            for r, c in sorted(causes.items())
+        )
         if kind is CheckpointError:
-            raise CheckpointError(f"{what} failed", {r: c for r, c in causes.items() if isinstance(c, Exception)}) from None
+            raise CheckpointError(
+                f"{what} failed", {r: c for r, c in causes.items() if isinstance(c, Exception)}
+            ) from None
         raise kind(f"{what} failed ({detail}); this step is damaged, restore an older one") from None
 
 

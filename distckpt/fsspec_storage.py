@@ -81,9 +81,7 @@ class FsspecStorage:
         """Object stores are durable once a PUT returns."""
 
     def dcp_writer(self, path: str, thread_count: int) -> Any:
-        return FsspecWriter(
-            self._url(path), thread_count=thread_count, sync_files=False, **self.storage_options
-        )
+        return FsspecWriter(self._url(path), thread_count=thread_count, sync_files=False, **self.storage_options)
 
     def dcp_reader(self, path: str) -> Any:
         return _SafeFsspecReader(self._url(path), **self.storage_options)

@@ -148,6 +148,5 @@ class Manifest:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(
-                f"{where} is not a valid distckpt manifest ({e}); delete that step directory "
-                "or restore an older step"
+                f"{where} is not a valid distckpt manifest ({e}); delete that step directory or restore an older step"
             ) from e

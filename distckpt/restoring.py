@@ -69,7 +69,17 @@ class Restorer:
         sign = 1 if min_key else -1
         return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
 
-    def restore(self, adapters: dict[str, Adapter], *, step: int | None, min_key: str | None, max_key: str | None, predicate: Any, verify: bool, strict: bool) -> CheckpointInfo | None:
+    def restore(
+        self,
+        adapters: dict[str, Adapter],
+        *,
+        step: int | None,
+        min_key: str | None,
+        max_key: str | None,
+        predicate: Any,
+        verify: bool,
+        strict: bool,
+    ) -> CheckpointInfo | None:
         ctx = self.ctx
         check_selection(step, min_key, max_key)  # bad arguments raise before any collective
 
@@ -85,7 +95,9 @@ class Restorer:
         steps = ctx.agree(choose, "choosing a checkpoint to restore")[0]
         if not steps:
             if step is not None:
-                raise NoCheckpointError(f"step {step} is not a committed checkpoint in {self.storage.url}; see Checkpointer.list()")
+                raise NoCheckpointError(
+                    f"step {step} is not a committed checkpoint in {self.storage.url}; see Checkpointer.list()"
+                )
             log.info("no committed checkpoint in %s (matching the request); starting fresh", self.storage.url)
             return None
         failures = []
@@ -98,7 +110,11 @@ class Restorer:
                 if step is not None:
                     raise CorruptCheckpointError(f"step {step} cannot be restored: {e}") from e
                 failures.append(f"step {candidate}: {e}")
-                log.warning("step %d cannot be restored (%s); all ranks fall back to the next older committed step", candidate, e)
+                log.warning(
+                    "step %d cannot be restored (%s); all ranks fall back to the next older committed step",
+                    candidate,
+                    e,
+                )
         raise CorruptCheckpointError(
             f"no committed checkpoint in {self.storage.url} could be restored ({'; '.join(failures)}); "
             "check the storage, or move the damaged step directories away to start fresh"
@@ -128,21 +144,29 @@ class Restorer:
         except FileNotFoundError:
             raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
         if size != rec.size:
-            raise CorruptCheckpointError(f"step {step}: {name} is {size} bytes, the manifest says {rec.size} (truncated?)")
+            raise CorruptCheckpointError(
+                f"step {step}: {name} is {size} bytes, the manifest says {rec.size} (truncated?)"
+            )
         if verify:
             with self.storage.open_read(path) as f:
                 _, digest = checksum_stream(f)
             if digest != rec.crc32c:
-                raise CorruptCheckpointError(f"step {step}: {name} fails its checksum (crc32c {digest}, manifest {rec.crc32c})")
+                raise CorruptCheckpointError(
+                    f"step {step}: {name} fails its checksum (crc32c {digest}, manifest {rec.crc32c})"
+                )
 
     # --- 3 + 4. matching and loading ------------------------------------------------------
 
-    def _load(self, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool) -> CheckpointInfo:
+    def _load(
+        self, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
+    ) -> CheckpointInfo:
         full = self.engine.full_state
         saved = state.get("recoverables", {})
         plan = self._plan(adapters, saved, state, strict, step)
         if plan.cast:
-            log.warning("step %d: %d tensors will be cast to this model's dtypes, e.g. %s", step, len(plan.cast), plan.cast[:3])
+            log.warning(
+                "step %d: %d tensors will be cast to this model's dtypes, e.g. %s", step, len(plan.cast), plan.cast[:3]
+            )
         stepdir = self.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         self.ctx.agree(lambda: self.engine.read(load, stepdir, self.storage, self.ctx), f"reading step {step}")
@@ -162,7 +186,9 @@ class Restorer:
         log.info("restored step %d from %s (saved by %d ranks in %s mode)", step, info.url, man.world_size, man.mode)
         return info
 
-    def _plan(self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int) -> _Plan:
+    def _plan(
+        self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int
+    ) -> _Plan:
         """Every rank works out the same plan; mismatches raise on every rank together."""
         result: dict[str, _Plan] = {}
 
@@ -172,7 +198,9 @@ class Restorer:
         self.ctx.agree(plan, f"matching step {step} against the recoverables")
         return result["plan"]
 
-    def _match(self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int) -> _Plan:
+    def _match(
+        self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int
+    ) -> _Plan:
         table, per_rank = state.get("tensors", {}), state.get("per_rank", {})
         absent = [n for n in adapters if n not in saved and n not in per_rank]
         if absent and strict:
@@ -189,11 +217,15 @@ class Restorer:
             for fqn in want:
                 spec = table.get(fqn)
                 if spec is None:
-                    raise CorruptCheckpointError(f"step {step}: state.json names tensor {fqn!r} that DCP metadata lacks")
+                    raise CorruptCheckpointError(
+                        f"step {step}: state.json names tensor {fqn!r} that DCP metadata lacks"
+                    )
                 shape, dtype = tuple(spec["shape"]), dtype_from_name(spec["dtype"])
                 if fqn in have:
                     if tuple(have[fqn].shape) != shape:
-                        problems.append(f"{fqn}: checkpoint has shape {list(shape)}, this job has {list(have[fqn].shape)}")
+                        problems.append(
+                            f"{fqn}: checkpoint has shape {list(shape)}, this job has {list(have[fqn].shape)}"
+                        )
                     elif have[fqn].dtype != dtype:
                         out.cast.append(fqn)
                     out.dest[fqn] = have[fqn]
@@ -207,7 +239,8 @@ class Restorer:
                 problems.append(f"{name}: {len(missing)} keys not in the checkpoint, e.g. {missing[:5]}")
         if problems:
             raise IncompatibleCheckpointError(
-                f"step {step} does not fit this job:\n  " + "\n  ".join(problems[:20])
+                f"step {step} does not fit this job:\n  "
+                + "\n  ".join(problems[:20])
                 + "\nRestore into the model the checkpoint was saved from, or use distckpt.transfer() / strict=False"
             )
         return out
@@ -218,7 +251,9 @@ class Restorer:
         if mine is None:
             log.warning(
                 "%r was saved per rank by %d ranks; rank %d has no saved state and keeps its own",
-                name, man.world_size, self.ctx.rank,
+                name,
+                man.world_size,
+                self.ctx.rank,
             )
             return
         adapter.load(join(mine, {}), self.engine.full_state, True)

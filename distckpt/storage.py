@@ -104,7 +104,7 @@ class LocalStorage:
 
     def rename(self, src: str, dst: str) -> None:
         """Atomic same-filesystem rename; refuses to replace a non-empty directory."""
-        os.rename(src, dst)
+        os.replace(src, dst)
         self.fsync_dir(os.path.dirname(dst))
         if os.path.dirname(src) != os.path.dirname(dst):
             self.fsync_dir(os.path.dirname(src))

@@ -27,9 +27,21 @@ FINAL = re.compile(r"final step=(\d+) params_sha256=([0-9a-f]{64})")
 
 def torchrun(args: argparse.Namespace, ckpt_dir: str, extra: list[str] | None = None) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        os.path.join(HERE, "train.py"), "--ckpt-dir", ckpt_dir, "--steps", str(args.steps),
-        "--save-every", str(args.save_every), "--mode", args.mode, *(["--async-save"] if args.async_save else []),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        os.path.join(HERE, "train.py"),
+        "--ckpt-dir",
+        ckpt_dir,
+        "--steps",
+        str(args.steps),
+        "--save-every",
+        str(args.save_every),
+        "--mode",
+        args.mode,
+        *(["--async-save"] if args.async_save else []),
         *(extra or []),
     ]
 

@@ -54,8 +54,12 @@ def make_data(n: int = 4096, features: int = 32, classes: int = 10) -> TensorDat
 def make_model(hidden: int, features: int = 32, classes: int = 10) -> nn.Module:
     torch.manual_seed(0)  # identical initial weights on every rank
     return nn.Sequential(
-        nn.Linear(features, hidden), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(0.1),
+        nn.Linear(features, hidden),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, hidden),
+        nn.GELU(),
+        nn.Dropout(0.1),
         nn.Linear(hidden, classes),
     )
 

@@ -47,7 +47,9 @@ def _unpack(data: bytes) -> Any:
 
 
 def _child(fn: Any, rank: int, world_size: int, store: str, args: tuple, out: Any, timeout: float) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     import torch.distributed as dist
 
     try:

@@ -12,6 +12,7 @@ import time
 import torch
 
 from distckpt import Checkpointer, Keep
+
 from harness import _context
 
 SHAPES = [(256, 1024), (1024,), (512, 512), (3, 7, 11), (64, 64)]
@@ -36,7 +37,9 @@ class Holder:
 
 def _saver(root, conn, async_save):
     holder = Holder()
-    ckpt = Checkpointer(root, {"h": holder, "step": 0}, keep=Keep(last=2, every_steps=7), write_threads=2, async_save=async_save)
+    ckpt = Checkpointer(
+        root, {"h": holder, "step": 0}, keep=Keep(last=2, every_steps=7), write_threads=2, async_save=async_save
+    )
     info = ckpt.restore()
     start = info.step if info else 0
     ok = info is None or all(torch.equal(holder.tensors[k], v) for k, v in expected(start).items())

@@ -9,9 +9,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("extra", [[], ["--mode", "chief", "--async-save", "--save-every", "7"]], ids=["sharded", "chief-async"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--mode", "chief", "--async-save", "--save-every", "7"]], ids=["sharded", "chief-async"]
+)
 def test_demo_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
-    cmd = [sys.executable, os.path.join(REPO, "launch", "demo.py"), "--workdir", str(tmp_path / "demo"), "--steps", "80", *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "demo.py"),
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--steps",
+        "80",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "OK: the resumed run is bit-identical" in proc.stdout

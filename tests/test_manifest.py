@@ -7,7 +7,9 @@ from distckpt.manifest import FileRecord, Manifest, step_dirname
 
 
 def _manifest():
-    return Manifest(step=12, world_size=2, mode="sharded", files={"a": FileRecord("a", 3, "0000abcd", 1)}, meta={"k": 1})
+    return Manifest(
+        step=12, world_size=2, mode="sharded", files={"a": FileRecord("a", 3, "0000abcd", 1)}, meta={"k": 1}
+    )
 
 
 def test_manifest_round_trips_as_plain_json():

@@ -1,7 +1,6 @@
 """Real multi-process jobs (gloo on CPU): sharded and chief saves, agreement, failures."""
 
 import json
-import logging
 import os
 import threading
 
@@ -11,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distckpt
 from distckpt import Checkpointer
+
 from harness import run_ranks
 from models import clone_state, make_training, tensors_equal, train
 
@@ -40,7 +40,7 @@ def _resume_matches_uninterrupted(tmp_path, mode):
     reference = run_ranks(_ddp_job, 2, full, mode, 6)
     run_ranks(_ddp_job, 2, part, mode, 4)  # stops after committing step 4
     resumed = run_ranks(_ddp_job, 2, part, mode, 6)
-    for (m1, o1, r1), (m2, o2, r2) in zip(reference, resumed):
+    for (m1, o1, r1), (m2, o2, r2) in zip(reference, resumed, strict=True):
         assert tensors_equal(m1, m2) and tensors_equal(o1, o2) and r1 == r2
     return _manifest(part, 6)
 

@@ -3,6 +3,7 @@ import os
 import torch
 
 import distckpt
+
 from harness import run_ranks
 
 

@@ -8,6 +8,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from distckpt import Checkpointer
+
 from harness import run_ranks
 from models import clone_state, make_training, tensors_equal, train
 
@@ -24,7 +25,9 @@ def _fsdp(model):
 
 def _full_state(model, optim):
     opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return clone_state(get_model_state_dict(model, options=opts)), clone_state(get_optimizer_state_dict(model, optim, options=opts))
+    return clone_state(get_model_state_dict(model, options=opts)), clone_state(
+        get_optimizer_state_dict(model, optim, options=opts)
+    )
 
 
 def _fsdp_save(rank, world, root, mode):

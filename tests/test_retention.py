@@ -15,8 +15,7 @@ metrics = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=False, w
 def histories(draw):
     steps = sorted(draw(st.sets(st.integers(0, 10_000), min_size=0, max_size=30)))
     return [
-        CheckpointInfo(step=s, url=f"x/{s}", meta={} if (m := draw(metrics)) is None else {"loss": m})
-        for s in steps
+        CheckpointInfo(step=s, url=f"x/{s}", meta={} if (m := draw(metrics)) is None else {"loss": m}) for s in steps
     ]
 
 
@@ -40,7 +39,7 @@ def _value(c):
 def test_keep_preserves_exactly_the_union_of_its_rules(history, keep):
     flags = keep.should_preserve(history)
     assert len(flags) == len(history)
-    kept = {c.step for c, f in zip(history, flags) if f}
+    kept = {c.step for c, f in zip(history, flags, strict=True) if f}
     if not history:
         return
     expected = {max(c.step for c in history)}
@@ -72,7 +71,12 @@ def test_keep_last_one_keeps_only_the_newest(history):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"last": 0}, "positive"), ({"best": 2}, "metric"), ({"best_mode": "up"}, "best_mode"), ({"every_steps": -1}, "positive")],
+    [
+        ({"last": 0}, "positive"),
+        ({"best": 2}, "metric"),
+        ({"best_mode": "up"}, "best_mode"),
+        ({"every_steps": -1}, "positive"),
+    ],
 )
 def test_keep_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

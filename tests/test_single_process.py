@@ -10,6 +10,7 @@ import torch.distributed.checkpoint as dcp
 
 import distckpt
 from distckpt import Checkpointer, IncompatibleCheckpointError, Keep, NoCheckpointError
+
 from models import clone_state, make_training, tensors_equal, train
 
 
@@ -31,7 +32,11 @@ def test_round_trip_is_bit_exact_and_training_continues_identically(root):
     with Checkpointer(root, _recoverables(model, optim, sched, progress=progress, step=4)) as ckpt:
         info = ckpt.save(4, meta={"val_loss": 0.5}).wait()
     assert info.step == 4 and info.meta == {"val_loss": 0.5} and info.nbytes > 0 and info.stats.stall_s >= 0
-    expected = {"model": clone_state(model.state_dict()), "optim": clone_state(optim.state_dict()), "sched": sched.state_dict()}
+    expected = {
+        "model": clone_state(model.state_dict()),
+        "optim": clone_state(optim.state_dict()),
+        "sched": sched.state_dict(),
+    }
     train(model, optim, sched, 3)
     reference = clone_state(model.state_dict())
 
@@ -109,7 +114,10 @@ def test_shape_mismatch_names_the_key_and_both_shapes(root):
         ckpt.save(1)
     other = make_training(width=32)[0]
     with Checkpointer(root, {"model": other}) as ckpt:
-        with pytest.raises(IncompatibleCheckpointError, match=r"model\.0\.weight: checkpoint has shape \[16, 8\], this job has \[32, 8\]"):
+        with pytest.raises(
+            IncompatibleCheckpointError,
+            match=r"model\.0\.weight: checkpoint has shape \[16, 8\], this job has \[32, 8\]",
+        ):
             ckpt.restore()
 
 
