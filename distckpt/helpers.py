@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from .tree import optional_numpy as _numpy
+
 
 class RNGState:
     """Every random number generator of this process, saved per rank.
@@ -82,12 +84,3 @@ class ResumableSampler(DistributedSampler):
 
 def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _numpy() -> Any:
-    try:
-        import numpy
-
-        return numpy
-    except ImportError:  # pragma: no cover
-        return None

@@ -71,7 +71,7 @@ class _Splitter:
         return {"__dict__": items}
 
     def _other(self, obj: Any, path: str) -> Any:
-        np = _numpy()
+        np = optional_numpy()
         if np is not None and isinstance(obj, np.ndarray):
             if obj.dtype == object:
                 raise TypeError(f"cannot checkpoint a numpy object array at {path!r}")
@@ -129,7 +129,7 @@ def join(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "__dtype__" in skeleton:
         return dtype_from_name(skeleton["__dtype__"])
     if "__np__" in skeleton:
-        np = _numpy()
+        np = optional_numpy()
         return np.dtype(skeleton["__np__"]).type(skeleton["value"]) if np else skeleton["value"]
     if "__inline__" in skeleton:
         return _from_inline(skeleton)
@@ -160,7 +160,7 @@ def _hashable(key: Any) -> Any:
     return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
-def _numpy() -> Any:
+def optional_numpy() -> Any:
     try:
         import numpy
 
