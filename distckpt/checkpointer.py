@@ -41,7 +41,7 @@ from .manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
 from .recoverables import Adapter, link_optimizers, make_adapter
 from .restoring import Restorer
 from .retention import RetentionPolicy, as_policy
-from .staging import HostCopyStager, Stager
+from .staging import Staged, Stager, make_stager
 from .storage import open_storage
 from .tree import split
 
@@ -78,7 +78,7 @@ class _Job:
     meta: dict[str, Any]
     skeletons: dict[str, Any]
     per_rank: dict[str, Any]
-    staged: dict[str, torch.Tensor]
+    staged: Staged
     stall_s: float = 0.0
     stage_s: float = 0.0
     staging_bytes: int = 0
@@ -110,7 +110,8 @@ class Checkpointer:
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,
         write_threads: int = 4,
-        stager: Stager | None = None,
+        stager: str | Stager = "auto",
+        staging_budget: int | None = None,
     ) -> None:
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
@@ -122,10 +123,10 @@ class Checkpointer:
         self._commit = commit_for(self._storage)
         self._catalog = Catalog(self._storage, self._commit)
         self._ctx = RankContext(process_group, timeout)
-        self._stager: Stager = stager or HostCopyStager()
         self._hooks: dict[type, Any] = {}
         self._adapters: dict[str, Adapter] = {}
         self.add_recoverables(recoverables or {})
+        self._stager: Stager = self._make_stager(stager, staging_budget)
         self._max_in_flight = max_in_flight
         self._pending: deque[SaveHandle] = deque()
         self._active: set[str] = set()
@@ -189,7 +190,7 @@ class Checkpointer:
             job = self._snapshot(step, meta, t0)
         except Exception as e:  # noqa: BLE001 - other ranks are heading into collectives:
             # carry the error into the job so that every rank raises it together.
-            job = _Job(step, meta, {}, {}, {}, error=e)
+            job = _Job(step, meta, {}, {}, Staged({}), error=e)
         if self._executor is None:
             future: Future = Future()
             try:
@@ -202,6 +203,8 @@ class Checkpointer:
         handle = SaveHandle(step, self._executor.submit(self._run, job))
         with self._lock:
             self._pending.append(handle)
+        if job.staged.live:  # nothing was copied: the tensors must be written before we return
+            self._drain(0)
         return handle
 
     def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> _Job:
@@ -217,10 +220,9 @@ class Checkpointer:
                 raise ValueError(f"recoverable {name!r} has tensor names that clash with another's")
             tensors.update(found)
         t_stage = time.perf_counter()
-        staged = self._stager.stage(tensors) if self._engine.writes(self._ctx) else {}
+        staged = self._stager.stage(tensors) if self._engine.writes(self._ctx) else Staged({})
         now = time.perf_counter()
-        nbytes = sum(t.numel() * t.element_size() for t in staged.values())
-        return _Job(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, nbytes, started=t0)
+        return _Job(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0)
 
     def _run(self, job: _Job) -> CheckpointInfo:
         """(all ranks, in save order) write, gather, commit. Raises on every rank or none."""
@@ -276,7 +278,8 @@ class Checkpointer:
             self._storage.makedirs(workdir)
 
     def _write(self, job: _Job, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
-        records, table = self._engine.write(job.staged, workdir, self._storage, self._ctx)
+        tensors = self._stager.materialize(job.staged)
+        records, table = self._engine.write(tensors, workdir, self._storage, self._ctx)
         return records, table, job.per_rank
 
     def _finish(self, job: _Job, workdir: str, results: list[Any]) -> CheckpointInfo | None:
@@ -306,6 +309,16 @@ class Checkpointer:
             self._catalog.clean_leftovers(active)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
+
+    def _make_stager(self, kind: str | Stager, budget: int | None) -> Stager:
+        """Pick the stager and, on writing ranks, reserve its pool in the background now."""
+        full = self._engine.full_state
+        nbytes = sum(a.estimate_bytes(full) for a in self._adapters.values() if not a.per_rank)
+        cuda = any(a.on_cuda() for a in self._adapters.values())
+        stager = make_stager(kind, cuda_state=cuda, state_bytes=nbytes, budget=budget)
+        if self._engine.writes(self._ctx):
+            stager.reserve(nbytes)
+        return stager
 
     def _open_root(self) -> str | None:
         if not self._ctx.is_chief:

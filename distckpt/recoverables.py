@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import IncompatibleCheckpointError
+from .staging import local_part
+from .tree import split
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {}
 
@@ -66,6 +68,20 @@ class Adapter:
     def value(self) -> Any:
         return self.obj
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this recoverable holds now (cheap: no copies, no collectives)."""
+        try:
+            return list(split(self.state(False), "x")[1].values())
+        except Exception:  # noqa: BLE001 - an estimate only; the real state is taken at save
+            return []
+
+    def estimate_bytes(self, full: bool) -> int:
+        """Bytes this recoverable will stage (global tensors when ``full``, else local shards)."""
+        return sum(_nbytes(t, full) for t in self.tensors())
+
+    def on_cuda(self) -> bool:
+        return any(local_part(t).is_cuda for t in self.tensors())
+
 
 def _options(full: bool, offload: bool = False, strict: bool = True) -> StateDictOptions:
     # Saving a full state offloads to CPU on the chief (other ranks get nothing: they do not
@@ -74,6 +90,9 @@ def _options(full: bool, offload: bool = False, strict: bool = True) -> StateDic
 
 
 class ModuleAdapter(Adapter):
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.obj.state_dict().values())
+
     def state(self, full: bool) -> Any:
         return get_model_state_dict(self.obj, options=_options(full, offload=True))
 
@@ -88,6 +107,17 @@ class OptimizerAdapter(Adapter):
     """Optimizer state keyed by parameter FQNs when its model is known."""
 
     model: nn.Module | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [v for s in self.obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+    def estimate_bytes(self, full: bool) -> int:
+        if self.obj.state:
+            return super().estimate_bytes(full)
+        return _dry_run_state_bytes(self.obj, full)
+
+    def on_cuda(self) -> bool:
+        return any(local_part(p).is_cuda for g in self.obj.param_groups for p in g["params"])
 
     def state(self, full: bool) -> Any:
         if self.model is None or not self.obj.state:
@@ -194,6 +224,30 @@ def link_optimizers(adapters: dict[str, Adapter]) -> None:
             params = {id(p) for g in a.obj.param_groups for p in g["params"]}
             owners = [m for m in modules if params <= {id(p) for p in m.parameters()}]
             a.model = owners[0] if len(owners) == 1 else None
+
+
+def _nbytes(t: torch.Tensor, full: bool) -> int:
+    return (t.numel() if full else local_part(t).numel()) * t.element_size()
+
+
+def _dry_run_state_bytes(optim: torch.optim.Optimizer, full: bool) -> int:
+    """Size of the state a never-stepped optimizer will create, found by stepping a copy of
+    it over meta tensors (no memory, no change to the real optimizer)."""
+    groups = []
+    for group in optim.param_groups:
+        params = []
+        for p in group["params"]:
+            shape = p.shape if full else local_part(p).shape
+            meta = nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+            meta.grad = torch.empty_like(meta)
+            params.append(meta)
+        groups.append({**group, "params": params, "foreach": False, "fused": False})
+    try:
+        ghost = type(optim)(groups)
+        ghost.step()
+    except Exception:  # noqa: BLE001 - unknown optimizer: the pool grows at the first save
+        return 0
+    return sum(_nbytes(v, True) for s in ghost.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
 def _empty_optimizer_state(state: Any) -> bool:
