@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import IncompatibleCheckpointError
-from .staging import local_part
+from .staging import ALIGN, local_part
 from .tree import split
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {}
@@ -227,7 +227,8 @@ def link_optimizers(adapters: dict[str, Adapter]) -> None:
 
 
 def _nbytes(t: torch.Tensor, full: bool) -> int:
-    return (t.numel() if full else local_part(t).numel()) * t.element_size()
+    """Bytes ``t`` takes in a staging pool (each slice is ``ALIGN``-aligned)."""
+    return -(-(t.numel() if full else local_part(t).numel()) * t.element_size() // ALIGN) * ALIGN
 
 
 def _dry_run_state_bytes(optim: torch.optim.Optimizer, full: bool) -> int:
