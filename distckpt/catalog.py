@@ -76,7 +76,7 @@ class Catalog:
         if rec is None:
             raise CorruptCheckpointError(f"step {step}: manifest lists no {STATE_FILE}")
         data = self.storage.read_bytes(path)
-        if len(data) != rec.size or checksum_bytes(data) != rec.crc32c:
+        if len(data) != rec.size or checksum_bytes(data) != rec.checksum:
             raise CorruptCheckpointError(
                 f"{path} does not match its manifest (size or checksum); restore an older step"
             )

@@ -413,7 +413,7 @@ class Checkpointer:
         the best by a meta value. ``predicate=``: newest for which it is true. A step that
         any rank cannot read is skipped (all ranks move together to the next candidate,
         with a warning) unless it was asked for by number. ``verify`` (default on) checks every
-        file's CRC-32C as well as its size; ``verify=False`` trusts sizes alone. Returns ``None`` when there is no committed checkpoint. Collective.
+        file's checksum as well as its size; ``verify=False`` trusts sizes alone. Returns ``None`` when there is no committed checkpoint. Collective.
         """
         self._check_open()
         self.wait()

@@ -1,7 +1,7 @@
 """The places where distckpt meets torch.distributed.checkpoint's storage layer.
 
 * ``record_files(writer)`` makes a DCP writer checksum every file while it writes it
-  (CRC-32C over the bytes as they pass; no second read).
+  (XXH3-64 over the bytes as they pass; no second read).
 * ``SafeReaderMixin`` reads DCP's pickled ``.metadata`` with an unpickler that only
   admits DCP's own metadata classes and torch dtypes, so a doctored checkpoint cannot
   run code; ``SafeLoadPlanner`` loads any byte item with ``weights_only=True``.
@@ -28,7 +28,7 @@ DCP_METADATA = ".metadata"
 
 
 class FileRecorder:
-    """Thread-safe ``{path: (size, crc32c)}`` filled by the writer threads."""
+    """Thread-safe ``{path: (size, checksum)}`` filled by the writer threads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -44,7 +44,7 @@ class FileRecorder:
                 self._files[new] = self._files.pop(old)
 
     def records(self, rank: int) -> dict[str, tuple[int, str | None]]:
-        """``{basename: (size, crc or None)}``; ``None`` means "seeked: checksum by reading"."""
+        """``{basename: (size, checksum or None)}``; ``None`` means "seeked: checksum by reading"."""
         with self._lock:
             return {os.path.basename(p): v for p, v in self._files.items()}
 

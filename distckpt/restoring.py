@@ -150,9 +150,9 @@ class Restorer:
         if verify:
             with self.storage.open_read(path) as f:
                 _, digest = checksum_stream(f)
-            if digest != rec.crc32c:
+            if digest != rec.checksum:
                 raise CorruptCheckpointError(
-                    f"step {step}: {name} fails its checksum (crc32c {digest}, manifest {rec.crc32c})"
+                    f"step {step}: {name} fails its checksum ({digest}, manifest {rec.checksum})"
                 )
 
     # --- 3 + 4. matching and loading ------------------------------------------------------

@@ -111,7 +111,7 @@ def test_a_doctored_metadata_pickle_is_never_executed(root, tmp_path, monkeypatc
     # the attacker also fixes up the manifest, so only the unpickler stands in the way
     man_path = os.path.join(stepdir, "manifest.json")
     man = json.load(open(man_path))
-    man["files"][".metadata"].update(size=len(evil), crc32c=checksum_bytes(evil))
+    man["files"][".metadata"].update(size=len(evil), checksum=checksum_bytes(evil))
     json.dump(man, open(man_path, "w"))
     with pytest.raises(CorruptCheckpointError, match="refusing to load posix.system|not allowed"):
         _restore(root, step=2)

@@ -15,7 +15,7 @@ def _manifest():
 def test_manifest_round_trips_as_plain_json():
     data = _manifest().to_json()
     doc = json.loads(data)
-    assert doc["format"] == "distckpt" and doc["files"]["a"] == {"size": 3, "crc32c": "0000abcd", "rank": 1}
+    assert doc["format"] == "distckpt" and doc["files"]["a"] == {"size": 3, "checksum": "0000abcd", "rank": 1}
     assert {"torch", "distckpt", "python"} <= doc["versions"].keys()
     back = Manifest.from_json(data, "m")
     assert back.files == _manifest().files and back.meta == {"k": 1} and back.nbytes == 3
@@ -27,7 +27,7 @@ def test_manifest_round_trips_as_plain_json():
         (lambda d: d.update(format="other"), "not a distckpt manifest"),
         (lambda d: d.update(format_version=99), "upgrade distckpt"),
         (lambda d: d.pop("files"), "files"),
-        (lambda d: d["files"].update({"../x": {"size": 1, "crc32c": "0"}}), "plain names"),
+        (lambda d: d["files"].update({"../x": {"size": 1, "checksum": "0"}}), "plain names"),
     ],
 )
 def test_bad_manifests_are_corrupt_with_the_reason(mutate, message):
