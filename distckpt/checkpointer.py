@@ -133,6 +133,9 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save") if async_save else None
+        # retention deletes off the save path: a commit is durable before old steps go
+        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention")
+        self._janitor_job: Future | None = None
         self._closed = False
         self._nonce = self._ctx.agree(self._open_root, f"opening {url}")[0]
         self._restorer = Restorer(self._ctx, self._storage, self._catalog, self._engine)
@@ -265,7 +268,7 @@ class Checkpointer:
             stats.bytes_written,
         )
         if ctx.is_chief:
-            self._retain()
+            self._janitor_job = self._janitor.submit(self._retain)
         return info
 
     def _prepare(self, job: _Job, workdir: str) -> None:
@@ -351,6 +354,13 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until every pending save is committed; raise a failed save's error (once)."""
         self._drain(0)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Let the retention that follows the last commit finish (it never raises)."""
+        job = self._janitor_job
+        if job is not None:
+            job.result()
 
     def close(self) -> None:
         """Flush pending saves and release resources. Idempotent."""
@@ -358,10 +368,11 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            self._drain(0)
+            self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            self._janitor.shutdown(wait=True)
             self._stager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -384,6 +395,7 @@ class Checkpointer:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (a local read; uncommitted work never shows)."""
+        self._settle()
         return self._catalog.list()
 
     def find(

@@ -1,0 +1,1 @@
+"""Benchmarks of distckpt (see benchmarks/README.md)."""
