@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "ceilings":
         result: dict[str, Any] = bm.ceilings(state, workdir, args.threads, args.device)
     else:
-        result = bm.methods(args.device)[args.child](state, workdir, args.repeats, args.threads, args.device)
+        result = bm.methods(args.device)[args.child](state, workdir, args.repeats, args.threads, args.device, rss)
     result["peak_host_bytes"] = rss.stop()
     result["state_bytes"] = bm.state_bytes(state)
     result["tensors"] = sum(len(g) for g in state.values())
@@ -142,13 +142,13 @@ def summarize(m: dict[str, Any]) -> dict[str, Any]:
         "total_steady": total,
         "gbps_steady": nbytes / total / 1e9 if total else 0.0,
         "restore": m.get("restore"),
-        "host_ratio": m.get("peak_host_bytes", 0) / nbytes if nbytes else 0.0,
+        "host_ratio": m.get("save_peak_host_bytes", 0) / nbytes if nbytes else 0.0,
         "bit_exact": m.get("bit_exact"),
     }
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("method", "stall 1st s", "stall s", "durable s", "GB/s", "restore s", "host mem/state", "bit-exact")]
+    rows = [("method", "stall 1st s", "stall s", "durable s", "GB/s", "restore s", "host mem/state (saving)", "bit-exact")]
     for name, m in results["methods"].items():
         s = summarize(m)
         if not s:

@@ -72,7 +72,8 @@ def _fsync_tree(path: str) -> None:
 
 
 class PeakRSS:
-    """Samples this process's resident memory every few milliseconds."""
+    """Samples this process's resident memory every few milliseconds; ``mark()`` notes the
+    peak so far (the saves' peak, before restore allocates its targets)."""
 
     def __init__(self) -> None:
         self.proc = psutil.Process()
@@ -85,6 +86,10 @@ class PeakRSS:
     def _run(self) -> None:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def mark(self) -> int:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return self.peak - self.base
 
     def stop(self) -> int:
         self._stop.set()
@@ -101,7 +106,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 # --- contenders --------------------------------------------------------------------------
 
 
-def run_torch_save(state, workdir, repeats, threads, device):
+def run_torch_save(state, workdir, repeats, threads, device, rss):
     saves, path = [], ""
     for i in range(repeats):
         path = os.path.join(workdir, f"state_{i}.pt")
@@ -109,8 +114,9 @@ def run_torch_save(state, workdir, repeats, threads, device):
         saves.append({"stall": t, "total": t})
         if i:
             os.remove(os.path.join(workdir, f"state_{i - 1}.pt"))
+    peak = rss.mark()
     restore, loaded = _timed(lambda: (torch.load(path, map_location=device, weights_only=True), _sync(device))[0])
-    return {"saves": saves, "restore": restore, "bit_exact": bit_exact(loaded, state)}
+    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "bit_exact": bit_exact(loaded, state)}
 
 
 def _dcp_restore(state, ckpt_dir, device):
@@ -120,7 +126,7 @@ def _dcp_restore(state, ckpt_dir, device):
     return t, bit_exact(target, state)
 
 
-def run_dcp_save(state, workdir, repeats, threads, device, writer_threads=1):
+def run_dcp_save(state, workdir, repeats, threads, device, rss, writer_threads=1):
     saves, ckpt_dir = [], ""
     for i in range(repeats):
         ckpt_dir = os.path.join(workdir, f"step_{i}")
@@ -128,11 +134,12 @@ def run_dcp_save(state, workdir, repeats, threads, device, writer_threads=1):
         t, _ = _timed(lambda w=writer: dcp.save(state, storage_writer=w, no_dist=True))
         saves.append({"stall": t, "total": t})
         _drop_previous(workdir, i)
+    peak = rss.mark()
     restore, ok = _dcp_restore(state, ckpt_dir, device)
-    return {"saves": saves, "restore": restore, "bit_exact": ok}
+    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "bit_exact": ok}
 
 
-def run_dcp_async(state, workdir, repeats, threads, device, variant="default"):
+def run_dcp_async(state, workdir, repeats, threads, device, rss, variant="default"):
     """``default``: ``dcp.async_save`` as shipped. ``cached``: a FileSystemWriter reused across
     saves with ``cache_staged_state_dict=True``. ``stager``: a pinned ``DefaultStager``."""
     saves, ckpt_dir = [], ""
@@ -159,11 +166,12 @@ def run_dcp_async(state, workdir, repeats, threads, device, variant="default"):
             future.result()
         saves.append({"stall": stall, "total": time.perf_counter() - t0})
         _drop_previous(workdir, i)
+    peak = rss.mark()
     restore, ok = _dcp_restore(state, ckpt_dir, device)
-    return {"saves": saves, "restore": restore, "bit_exact": ok}
+    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "bit_exact": ok}
 
 
-def run_distckpt(state, workdir, repeats, threads, device, async_save=True, stager="auto"):
+def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True, stager="auto"):
     root = os.path.join(workdir, "ckpt")
     t0 = time.perf_counter()
     ckpt = distckpt.Checkpointer(root, {"state": state}, async_save=async_save, stager=stager, write_threads=threads, keep=distckpt.Keep(last=1))
@@ -180,7 +188,8 @@ def run_distckpt(state, workdir, repeats, threads, device, async_save=True, stag
         saves.append({"stall": stall, "total": time.perf_counter() - t0, "stats": info.stats.as_dict() if info.stats else {}})
     staging = ckpt._stager.capacity
     ckpt.close()
-    out = {"saves": saves, "construct": construct, "reserve": reserve, "staging_bytes": staging}
+    peak = rss.mark()
+    out = {"saves": saves, "construct": construct, "reserve": reserve, "staging_bytes": staging, "save_peak_host_bytes": peak}
     for verify in (False, True):
         target = zeros_like(state)
         _sync(device)
@@ -205,12 +214,12 @@ def methods(device: str) -> dict[str, Callable[..., dict[str, Any]]]:
         "dcp.save": run_dcp_save,
         "dcp.save[threads]": lambda *a: run_dcp_save(*a, writer_threads=a[3]),
         "dcp.async_save": run_dcp_async,
-        "dcp.async_save[cached]": partial(run_dcp_async, variant="cached"),
-        "dcp.async_save[pinned stager]": partial(run_dcp_async, variant="stager"),
         "distckpt sync": partial(run_distckpt, async_save=False),
         "distckpt async": partial(run_distckpt, async_save=True, stager="auto"),
     }
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # DCP's tuned variants stage through pinned (CUDA) memory
+        table["dcp.async_save[cached]"] = partial(run_dcp_async, variant="cached")
+        table["dcp.async_save[pinned stager]"] = partial(run_dcp_async, variant="stager")
         table["distckpt async[gpu]"] = partial(run_distckpt, async_save=True, stager="gpu")
     return table
 

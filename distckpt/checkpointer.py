@@ -292,6 +292,8 @@ class Checkpointer:
             "recoverables": job.skeletons,
             "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
             "tensors": results[0][1],
+            # staged copies are contiguous, which lets restore read raw bytes in place
+            "layout": "any" if job.staged.live else "contiguous",
         }
         data = json.dumps(state, allow_nan=True).encode()
         self._storage.write_bytes(self._storage.join(workdir, STATE_FILE), data)

@@ -49,8 +49,9 @@ class Engine(Protocol):
         on the chief, the global tensor table ``{fqn: {"shape", "dtype"}}``."""
         ...
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
-        """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``."""
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+        """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``;
+        ``contiguous``: its items are known to be contiguous (the fast reader applies)."""
         ...
 
 
@@ -75,13 +76,13 @@ class _DcpEngine:
 
         return recorder.to_file_records(rank, read_back), tensor_table(md)
 
-    def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any) -> None:
+    def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any, contiguous: bool) -> None:
         if not tensors:
             return
         with _unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
             dcp.load(
                 tensors,
-                storage_reader=storage.dcp_reader(stepdir),
+                storage_reader=storage.dcp_reader(stepdir, contiguous),
                 planner=SafeLoadPlanner(),
                 process_group=group,
                 no_dist=group is None,
@@ -101,8 +102,8 @@ class ShardedEngine(_DcpEngine):
         group = ctx.bg if ctx.distributed else None
         return self._save(tensors, workdir, storage, ctx.rank, group)
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
-        self._load(tensors, stepdir, storage, ctx.fg if ctx.distributed else None)
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+        self._load(tensors, stepdir, storage, ctx.fg if ctx.distributed else None, contiguous)
 
 
 class ChiefEngine(_DcpEngine):
@@ -119,8 +120,8 @@ class ChiefEngine(_DcpEngine):
             return [], {}
         return self._save(tensors, workdir, storage, 0, None)
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext) -> None:
-        self._load(tensors, stepdir, storage, None)
+    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+        self._load(tensors, stepdir, storage, None, contiguous)
 
 
 @contextlib.contextmanager

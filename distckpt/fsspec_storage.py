@@ -83,5 +83,5 @@ class FsspecStorage:
     def dcp_writer(self, path: str, thread_count: int) -> Any:
         return FsspecWriter(self._url(path), thread_count=thread_count, sync_files=False, **self.storage_options)
 
-    def dcp_reader(self, path: str) -> Any:
+    def dcp_reader(self, path: str, contiguous: bool = False) -> Any:
         return _SafeFsspecReader(self._url(path), **self.storage_options)

@@ -169,7 +169,8 @@ class Restorer:
             )
         stepdir = self.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
-        self.ctx.agree(lambda: self.engine.read(load, stepdir, self.storage, self.ctx), f"reading step {step}")
+        contiguous = state.get("layout") == "contiguous"
+        self.ctx.agree(lambda: self.engine.read(load, stepdir, self.storage, self.ctx, contiguous), f"reading step {step}")
 
         def apply() -> None:
             for name, adapter in adapters.items():

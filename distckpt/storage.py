@@ -44,7 +44,7 @@ class Storage(Protocol):
     def rename(self, src: str, dst: str) -> None: ...
     def fsync_dir(self, path: str) -> None: ...
     def dcp_writer(self, path: str, thread_count: int) -> Any: ...
-    def dcp_reader(self, path: str) -> Any: ...
+    def dcp_reader(self, path: str, contiguous: bool = False) -> Any: ...
 
 
 class LocalStorage:
@@ -122,7 +122,12 @@ class LocalStorage:
     def dcp_writer(self, path: str, thread_count: int) -> Any:
         return local_writer(path, thread_count)
 
-    def dcp_reader(self, path: str) -> Any:
+    def dcp_reader(self, path: str, contiguous: bool = False) -> Any:
+        """DCP reader for a step; ``contiguous`` steps (distckpt's staged saves) take the fast path."""
+        if contiguous:
+            from .reader import FastReader
+
+            return FastReader(path, threads=min(8, os.cpu_count() or 1))
         return SafeFileSystemReader(path)
 
 

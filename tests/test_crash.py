@@ -81,11 +81,16 @@ def _trials(root, n, async_save, seed):
         kind, start, ok = parent.recv()
         assert kind == "resumed" and ok, f"trial {trial}: restart resumed from step {start} but state differs"
         assert start == newest, f"trial {trial}: resumed at {start}, newest committed was {newest}"
-        time.sleep(rng.uniform(0.0, 0.6))
+        last_returned = start
+        if trial % 2:  # kill at a random instant after some save has returned (progress is sure)
+            assert parent.poll(120), "no save returned within 120 s"
+            last_returned = parent.recv()[1]
+            time.sleep(rng.uniform(0.0, 0.25))
+        else:  # kill at a random instant from the start, maybe before the first commit
+            time.sleep(rng.uniform(0.0, 0.6))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         mid_save += any(n.startswith((".tmp-", ".trash-")) for n in os.listdir(root))
-        last_returned = start
         while parent.poll():
             msg = parent.recv()
             last_returned = max(last_returned, msg[1])
@@ -97,10 +102,10 @@ def _trials(root, n, async_save, seed):
 
 def test_sigkill_at_random_instants_never_loses_the_newest_commit(root):
     progressed, mid_save = _trials(root, 30, async_save=False, seed=1)
-    assert progressed >= 10 and mid_save >= 5  # kills landed between saves and inside them
+    assert progressed >= 15 and mid_save >= 3  # kills landed between saves and inside them
     assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]  # leftovers cleaned on restart
 
 
 def test_sigkill_during_async_saves(root):
     progressed, mid_save = _trials(root, 15, async_save=True, seed=2)
-    assert progressed >= 5 and mid_save >= 2
+    assert progressed >= 7 and mid_save >= 1
