@@ -23,11 +23,20 @@ import sys
 import time
 from typing import Any
 
-COMPETITORS = ("torch.save", "dcp.save", "dcp.save[threads]", "dcp.async_save", "dcp.async_save[cached]", "dcp.async_save[pinned stager]")
+COMPETITORS = (
+    "torch.save",
+    "dcp.save",
+    "dcp.save[threads]",
+    "dcp.async_save",
+    "dcp.async_save[cached]",
+    "dcp.async_save[pinned stager]",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="save_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="save_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--size-gb", type=float, default=None, help="training state size (default: 20 on cuda, 0.5 on cpu)")
     p.add_argument("--repeats", type=int, default=3, help="saves per method (the first one is reported apart)")
@@ -99,7 +108,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pass_through(args: argparse.Namespace) -> list[str]:
-    return ["--device", args.device, "--size-gb", str(args.size_gb), "--repeats", str(args.repeats), "--threads", str(args.threads), "--dir", args.dir]
+    return [
+        "--device",
+        args.device,
+        "--size-gb",
+        str(args.size_gb),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--dir",
+        args.dir,
+    ]
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,16 +168,26 @@ def summarize(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("method", "stall 1st s", "stall s", "durable s", "GB/s", "restore s", "host mem/state (saving)", "bit-exact")]
+    rows = [
+        ("method", "stall 1st s", "stall s", "durable s", "GB/s", "restore s", "host mem/state (saving)", "bit-exact")
+    ]
     for name, m in results["methods"].items():
         s = summarize(m)
         if not s:
             rows.append((name, "error", "", "", "", "", "", ""))
             continue
-        rows.append((
-            name, f"{s['stall_first']:.3f}", f"{s['stall_steady']:.3f}", f"{s['total_steady']:.2f}", f"{s['gbps_steady']:.2f}",
-            f"{s['restore']:.2f}" if s["restore"] is not None else "-", f"{s['host_ratio']:.2f}x", "yes" if s["bit_exact"] else "NO",
-        ))
+        rows.append(
+            (
+                name,
+                f"{s['stall_first']:.3f}",
+                f"{s['stall_steady']:.3f}",
+                f"{s['total_steady']:.2f}",
+                f"{s['gbps_steady']:.2f}",
+                f"{s['restore']:.2f}" if s["restore"] is not None else "-",
+                f"{s['host_ratio']:.2f}x",
+                "yes" if s["bit_exact"] else "NO",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
@@ -188,23 +218,46 @@ def targets(results: dict[str, Any]) -> list[str]:
     ours, shipped = summ.get("distckpt async"), summ.get("dcp.async_save")
     if ours and ceil.get("stage_floor_s"):
         floor = ceil["stage_floor_s"]
-        check("stall on every save <= 1.1x the device-to-host floor", ours["stall_max"] <= 1.1 * floor, f"{ours['stall_max']:.3f}s vs floor {floor:.3f}s")
+        check(
+            "stall on every save <= 1.1x the device-to-host floor",
+            ours["stall_max"] <= 1.1 * floor,
+            f"{ours['stall_max']:.3f}s vs floor {floor:.3f}s",
+        )
     if ours and shipped:
-        check(">= 30x less stall than dcp.async_save as shipped", shipped["stall_max"] / ours["stall_max"] >= 30, f"{shipped['stall_max'] / ours['stall_max']:.1f}x")
+        check(
+            ">= 30x less stall than dcp.async_save as shipped",
+            shipped["stall_max"] / ours["stall_max"] >= 30,
+            f"{shipped['stall_max'] / ours['stall_max']:.1f}x",
+        )
     if "distckpt async[gpu]" in summ:
         g = summ["distckpt async[gpu]"]
         check("GPU-side snapshot stall <= 30 ms", g["stall_max"] <= 0.030, f"{g['stall_max'] * 1e3:.1f} ms")
     dcp_best = min((s["total_steady"] for n, s in summ.items() if n.startswith("dcp")), default=None)
     if ours and dcp_best:
-        check("time until durable <= best DCP configuration", ours["total_steady"] <= dcp_best, f"{ours['total_steady']:.2f}s vs {dcp_best:.2f}s")
+        check(
+            "time until durable <= best DCP configuration",
+            ours["total_steady"] <= dcp_best,
+            f"{ours['total_steady']:.2f}s vs {dcp_best:.2f}s",
+        )
     if ours and ceil.get("disk_write_fsync_gbps"):
         disk = ceil["disk_write_fsync_gbps"]
-        check("write throughput >= 0.9x the disk's fsync'd ceiling", ours["gbps_steady"] >= 0.9 * disk, f"{ours['gbps_steady']:.2f} vs {disk:.2f} GB/s")
+        check(
+            "write throughput >= 0.9x the disk's fsync'd ceiling",
+            ours["gbps_steady"] >= 0.9 * disk,
+            f"{ours['gbps_steady']:.2f} vs {disk:.2f} GB/s",
+        )
     dl = summ.get("dcp.save", {}).get("restore")
     if ours and dl:
-        check("restore >= 5x faster than dcp.load", dl / ours["restore"] >= 5, f"{dl / ours['restore']:.1f}x ({ours['restore']:.2f}s vs {dl:.2f}s)")
+        check(
+            "restore >= 5x faster than dcp.load",
+            dl / ours["restore"] >= 5,
+            f"{dl / ours['restore']:.1f}x ({ours['restore']:.2f}s vs {dl:.2f}s)",
+        )
     if ours:
-        staging = results["methods"]["distckpt async"].get("staging_bytes", 0) / results["methods"]["distckpt async"]["state_bytes"]
+        staging = (
+            results["methods"]["distckpt async"].get("staging_bytes", 0)
+            / results["methods"]["distckpt async"]["state_bytes"]
+        )
         check("staging memory <= 1.1x the state", staging <= 1.1, f"{staging:.3f}x")
     return out
 
@@ -214,11 +267,16 @@ def chart(results: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summ = {n: summarize(m) for n, m in results["methods"].items() if summarize(m)}
     names = list(summ)
     fig, axes = plt.subplots(1, 3, figsize=(17, 0.45 * len(names) + 2.2))
-    panels = (("stall_max", "training stall per save, worst (s, log)", True), ("total_steady", "time until durable (s)", False), ("restore", "restore, warm page cache (s)", False))
+    panels = (
+        ("stall_max", "training stall per save, worst (s, log)", True),
+        ("total_steady", "time until durable (s)", False),
+        ("restore", "restore, warm page cache (s)", False),
+    )
     for ax, (key, title, log) in zip(axes, panels, strict=True):
         values = [summ[n].get(key) or 0 for n in names]
         colors = ["tab:green" if n.startswith("distckpt") else "tab:gray" for n in names]
@@ -226,6 +284,8 @@ def chart(results: dict[str, Any], path: str) -> None:
         ax.set_title(title)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
@@ -247,7 +307,9 @@ def report(results: dict[str, Any], out: str) -> None:
     print(f"\n{m['size_gb']} GB state, {m['device']} ({m['device_name']}), torch {m['torch']}, {m['date']}")
     c = results.get("ceilings", {})
     if "stage_floor_s" in c:
-        print(f"ceilings: copy to host {c['stage_gbps']:.1f} GB/s ({c['stage_floor_s']:.3f}s for the state), disk write+fsync {c['disk_write_fsync_gbps']:.2f} GB/s")
+        print(
+            f"ceilings: copy to host {c['stage_gbps']:.1f} GB/s ({c['stage_floor_s']:.3f}s for the state), disk write+fsync {c['disk_write_fsync_gbps']:.2f} GB/s"
+        )
     print(table(results))
     for line in ratios(results) + (targets(results) if m["device"] == "cuda" else []):
         print(line)

@@ -174,7 +174,9 @@ def run_dcp_async(state, workdir, repeats, threads, device, rss, variant="defaul
 def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True, stager="auto"):
     root = os.path.join(workdir, "ckpt")
     t0 = time.perf_counter()
-    ckpt = distckpt.Checkpointer(root, {"state": state}, async_save=async_save, stager=stager, write_threads=threads, keep=distckpt.Keep(last=1))
+    ckpt = distckpt.Checkpointer(
+        root, {"state": state}, async_save=async_save, stager=stager, write_threads=threads, keep=distckpt.Keep(last=1)
+    )
     construct = time.perf_counter() - t0
     waiter = getattr(ckpt._stager, "_wait_reserved", lambda: None)
     waiter()  # a training job builds its Checkpointer long before the first save
@@ -185,11 +187,19 @@ def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True,
         handle = ckpt.save(step)
         stall = time.perf_counter() - t0
         info = handle.wait()
-        saves.append({"stall": stall, "total": time.perf_counter() - t0, "stats": info.stats.as_dict() if info.stats else {}})
+        saves.append(
+            {"stall": stall, "total": time.perf_counter() - t0, "stats": info.stats.as_dict() if info.stats else {}}
+        )
     staging = ckpt._stager.capacity
     ckpt.close()
     peak = rss.mark()
-    out = {"saves": saves, "construct": construct, "reserve": reserve, "staging_bytes": staging, "save_peak_host_bytes": peak}
+    out = {
+        "saves": saves,
+        "construct": construct,
+        "reserve": reserve,
+        "staging_bytes": staging,
+        "save_peak_host_bytes": peak,
+    }
     for verify in (False, True):
         target = zeros_like(state)
         _sync(device)

@@ -28,8 +28,6 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
-import torch
-
 from .catalog import Catalog
 from .commit import commit_for
 from .dist import RankContext

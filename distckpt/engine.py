@@ -49,7 +49,14 @@ class Engine(Protocol):
         on the chief, the global tensor table ``{fqn: {"shape", "dtype"}}``."""
         ...
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+    def read(
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ctx: RankContext,
+        contiguous: bool = False,
+    ) -> None:
         """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``;
         ``contiguous``: its items are known to be contiguous (the fast reader applies)."""
         ...
@@ -76,7 +83,9 @@ class _DcpEngine:
 
         return recorder.to_file_records(rank, read_back), tensor_table(md)
 
-    def _load(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any, contiguous: bool) -> None:
+    def _load(
+        self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any, contiguous: bool
+    ) -> None:
         if not tensors:
             return
         with _unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
@@ -102,7 +111,14 @@ class ShardedEngine(_DcpEngine):
         group = ctx.bg if ctx.distributed else None
         return self._save(tensors, workdir, storage, ctx.rank, group)
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+    def read(
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ctx: RankContext,
+        contiguous: bool = False,
+    ) -> None:
         self._load(tensors, stepdir, storage, ctx.fg if ctx.distributed else None, contiguous)
 
 
@@ -120,7 +136,14 @@ class ChiefEngine(_DcpEngine):
             return [], {}
         return self._save(tensors, workdir, storage, 0, None)
 
-    def read(self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ctx: RankContext, contiguous: bool = False) -> None:
+    def read(
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ctx: RankContext,
+        contiguous: bool = False,
+    ) -> None:
         self._load(tensors, stepdir, storage, None, contiguous)
 
 

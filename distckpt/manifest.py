@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import xxhash
 import torch
+import xxhash
 
 from .errors import CorruptCheckpointError
 

@@ -136,7 +136,13 @@ class FastReader(SafeFileSystemReader):
             return False
         target = planner.resolve_tensor(req).detach()
         whole = tuple(req.storage_offsets) == (0,) * len(shape) and tuple(req.lengths) == tuple(shape)
-        if whole and target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous() and tuple(target.shape) == tuple(shape):
+        if (
+            whole
+            and target.device.type == "cpu"
+            and target.dtype == dtype
+            and target.is_contiguous()
+            and tuple(target.shape) == tuple(shape)
+        ):
             _pread_into(fd, _bytes_of(target), span[0])
         else:
             buf = self._buffer(nbytes, pin=target.is_cuda)
@@ -148,7 +154,9 @@ class FastReader(SafeFileSystemReader):
 
     def _read_standard(self, fd: int, req: Any, planner: Any) -> None:
         info = self.storage_data[req.storage_index]
-        tensor = torch.load(io.BufferedReader(_Window(fd, info.offset, info.length)), map_location="cpu", weights_only=True)
+        tensor = torch.load(
+            io.BufferedReader(_Window(fd, info.offset, info.length)), map_location="cpu", weights_only=True
+        )
         target = planner.resolve_tensor(req).detach()
         target.copy_(narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths))
         planner.commit_tensor(req, target)

@@ -170,7 +170,9 @@ class Restorer:
         stepdir = self.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
-        self.ctx.agree(lambda: self.engine.read(load, stepdir, self.storage, self.ctx, contiguous), f"reading step {step}")
+        self.ctx.agree(
+            lambda: self.engine.read(load, stepdir, self.storage, self.ctx, contiguous), f"reading step {step}"
+        )
 
         def apply() -> None:
             for name, adapter in adapters.items():

@@ -339,7 +339,8 @@ def make_stager(kind: Any, *, cuda_state: bool, state_bytes: int, budget: int | 
         log.warning(
             "the state (%.3f GB) exceeds the staging budget (%.3f GB): saves write straight from the "
             "tensors, tensor by tensor, and block until written",
-            state_bytes / 1e9, budget / 1e9,
+            state_bytes / 1e9,
+            budget / 1e9,
         )
         return DirectStager()
     if kind == "auto":
@@ -349,7 +350,9 @@ def make_stager(kind: Any, *, cuda_state: bool, state_bytes: int, budget: int | 
             raise ValueError("stager='gpu' needs CUDA tensors in the state")
         free, _ = torch.cuda.mem_get_info()
         if free < state_bytes * 1.05:
-            log.warning("not enough spare GPU memory for a GPU-side snapshot (%.2f GB free); using the pinned pool", free / 1e9)
+            log.warning(
+                "not enough spare GPU memory for a GPU-side snapshot (%.2f GB free); using the pinned pool", free / 1e9
+            )
             return PoolStager(pin=True)
         return DeviceSnapshotStager()
     if kind == "direct":

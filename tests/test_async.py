@@ -14,6 +14,7 @@ import torch
 import distckpt
 from distckpt import Checkpointer
 from distckpt.staging import ALIGN, DirectStager, PoolStager
+
 from harness import run_ranks
 from models import clone_state, make_training, tensors_equal, train
 
@@ -163,7 +164,9 @@ print(json.dumps(rss))
 
 
 def test_host_memory_stays_flat_across_many_saves(root):
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, root], capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, root], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     growth = rss["50"] - rss["3"]

@@ -10,7 +10,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_save_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "benchmarks.save_bench", "--device", "cpu", "--size-gb", "0.02", "--repeats", "2", "--threads", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.save_bench",
+        "--device",
+        "cpu",
+        "--size-gb",
+        "0.02",
+        "--repeats",
+        "2",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
