@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 ALIGN = 64  # bytes; keeps every slice aligned for vectorised copies and O_DIRECT-friendly
+_PAGE = 4096
 
 
 @dataclass
@@ -94,12 +95,19 @@ class Arena:
 
     def __init__(self, nbytes: int, device: str = "cpu", pin: bool = False) -> None:
         self.nbytes, self.device, self.pinned = max(int(nbytes), ALIGN), device, False
-        self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         if device == "cpu":
+            # page-aligned and a whole number of pages, as cudaHostRegister wants
+            size = -(-self.nbytes // _PAGE) * _PAGE
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _PAGE
+            self.buf = raw[start : start + size]
             self.buf.zero_()  # fault every page in now (multi-threaded), not on a save
             if pin:
                 self.pinned = _register(self.buf)
-        self._np = self.buf.numpy() if device == "cpu" else None
+            self._np = self.buf.numpy()
+        else:
+            self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+            self._np = None
 
     def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor shaped like ``like`` over ``[offset, offset + nbytes)``.
