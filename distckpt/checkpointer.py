@@ -34,6 +34,7 @@ from .dist import RankContext
 from .engine import make_engine
 from .errors import CheckpointError, DistckptError
 from .info import CheckpointInfo, SaveStats
+from .lease import Lease
 from .log import log
 from .manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
 from .recoverables import Adapter, link_optimizers, make_adapter
@@ -110,6 +111,7 @@ class Checkpointer:
         write_threads: int = 4,
         stager: str | Stager = "auto",
         staging_budget: int | None = None,
+        read_only: bool = False,
     ) -> None:
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
@@ -135,6 +137,8 @@ class Checkpointer:
         self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention")
         self._janitor_job: Future | None = None
         self._closed = False
+        self._read_only = read_only
+        self._lease: Lease | None = None
         self._nonce = self._ctx.agree(self._open_root, f"opening {url}")[0]
         self._restorer = Restorer(self._ctx, self._storage, self._catalog, self._engine)
         if async_save:
@@ -184,6 +188,8 @@ class Checkpointer:
         ``async_save``). Returns once tensors are staged; the caller may then change them.
         Raises the error of an earlier failed save, once."""
         self._check_open()
+        if self._read_only:
+            raise DistckptError("this Checkpointer was opened with read_only=True and cannot save")
         t0 = time.perf_counter()
         step, meta = _check_step(step), _check_meta(meta)
         self._drain(self._max_in_flight - 1)
@@ -300,6 +306,8 @@ class Checkpointer:
         manifest = Manifest(
             step=job.step, world_size=self._ctx.world_size, mode=self._engine.mode, files=files, meta=job.meta
         )
+        if self._lease is not None:
+            self._lease.check()  # fencing: never commit into a root another job has taken
         self._commit.finish(workdir, manifest)
         return self._catalog.info(manifest)
 
@@ -327,9 +335,13 @@ class Checkpointer:
         if not self._ctx.is_chief:
             return None
         self._catalog.check_root()  # fails early, clearly, on a file or a single step
+        if self._read_only:
+            return uuid.uuid4().hex[:12]
         if self._storage.atomic_rename:
             self._storage.makedirs(self._catalog.root)
-        self._catalog.clean_leftovers()
+        self._lease = Lease(self._storage, self._catalog.root)
+        self._lease.acquire()  # one writing job per root; refuses a second one clearly
+        self._catalog.clean_leftovers()  # safe: no other job writes here
         return uuid.uuid4().hex[:12]
 
     # --- waiting --------------------------------------------------------------------
@@ -374,6 +386,8 @@ class Checkpointer:
                 self._executor.shutdown(wait=True)
             self._janitor.shutdown(wait=True)
             self._stager.close()
+            if self._lease is not None:
+                self._lease.release()
 
     def __enter__(self) -> Checkpointer:
         return self

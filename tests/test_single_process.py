@@ -94,7 +94,7 @@ def test_saving_a_committed_step_again_fails_and_keeps_the_original(root):
             ckpt.save(5)
         ckpt.restore(step=5)
         assert torch.equal(t, torch.ones(2))
-        assert not [n for n in os.listdir(root) if n.startswith(".")]
+        assert not [n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-"))]
 
 
 def test_step_directory_is_a_plain_dcp_checkpoint(root):
@@ -167,7 +167,7 @@ def test_uncommitted_work_is_never_listed_and_is_cleaned_up(root):
     with Checkpointer(root, {"t": t}) as ckpt:
         assert [c.step for c in ckpt.list()] == [1]
         assert ckpt.restore().step == 1
-        assert sorted(os.listdir(root)) == ["step_000000000001"]
+        assert sorted(os.listdir(root)) == [".distckpt-lock", "step_000000000001"]
 
 
 def test_retention_never_runs_before_commit(root):

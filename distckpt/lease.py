@@ -1,0 +1,160 @@
+"""One writing job per checkpoint root: a lease file, taken at start and checked at commit.
+
+``<root>/.distckpt-lock`` (JSON) names the job that writes there. The chief creates it with
+an exclusive create (``O_EXCL`` / S3 ``If-None-Match: *``); a second job is refused with a
+message that says who holds the root. The holder refreshes the lease in the background, and
+checks it still holds it before each commit, so a job whose lease was taken over stops
+committing (fencing) instead of interleaving with the new holder.
+
+A lease may be taken over when its holder is evidently gone: the same job restarted (same
+``SLURM_JOB_ID`` or torchrun run id), a dead process on this host, or no refresh for
+``stale_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .errors import CommitError, DistckptError
+from .log import log
+from .storage import Storage
+
+LOCK = ".distckpt-lock"
+
+
+def job_identity() -> str:
+    """What stays the same when a job is restarted or requeued, and differs between jobs."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{os.environ.get('SLURM_CLUSTER_NAME', '')}:{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{os.environ['TORCHELASTIC_RUN_ID']}"
+    return f"process:{socket.gethostname()}:{os.getpid()}"
+
+
+class Lease:
+    """(chief only) Holds the root for this job. ``acquire`` at start, ``check`` before each
+    commit, ``release`` at close; a daemon thread refreshes it every ``refresh_s``."""
+
+    def __init__(self, storage: Storage, root: str, *, stale_after: float = 600.0, refresh_s: float = 60.0) -> None:
+        self.storage, self.path = storage, storage.join(root, LOCK)
+        self.stale_after, self.refresh_s = stale_after, refresh_s
+        self.nonce = uuid.uuid4().hex
+        self.identity = job_identity()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _doc(self) -> dict[str, Any]:
+        return {
+            "job": self.identity,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "nonce": self.nonce,
+            "refreshed": time.time(),
+        }
+
+    def acquire(self) -> None:
+        try:
+            self.storage.write_bytes(self.path, json.dumps(self._doc()).encode(), exclusive=True)
+        except FileExistsError:
+            other = self._read()
+            reason = self._takeover_reason(other)
+            if reason is None:
+                raise DistckptError(self._busy_message(other)) from None
+            log.warning("taking over %s from %s (%s)", self.path, other.get("job", "?"), reason)
+            self._replace()
+        self._thread = threading.Thread(target=self._refresh_loop, name="distckpt-lease", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.storage.read_bytes(self.path))
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _takeover_reason(self, other: dict[str, Any]) -> str | None:
+        if not other:
+            return None  # unreadable: do not guess
+        if other.get("job") == self.identity:
+            return "the same job, restarted"
+        if other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
+            return f"its process {other.get('pid')} on this host is gone"
+        age = time.time() - float(other.get("refreshed", 0))
+        if age > self.stale_after:
+            return f"not refreshed for {age:.0f} s"
+        return None
+
+    def _busy_message(self, other: dict[str, Any]) -> str:
+        if not other:
+            return f"{self.path} exists but is unreadable; if no job writes to this root any more, delete it"
+        age = time.time() - float(other.get("refreshed", 0))
+        return (
+            f"{self.storage.url} is in use by another job ({other.get('job')}, host {other.get('host')}, "
+            f"pid {other.get('pid')}, alive {age:.0f} s ago); use another checkpoint directory, stop that "
+            f"job, or, if it is gone, delete {self.path}"
+        )
+
+    def _overwrite(self) -> None:
+        data = json.dumps(self._doc()).encode()
+        if self.storage.atomic_rename:  # never leave a half-written lease behind
+            tmp = f"{self.path}.{self.nonce}.tmp"
+            self.storage.write_bytes(tmp, data)
+            self.storage.rename(tmp, self.path)
+        else:
+            self.storage.write_bytes(self.path, data)  # an object PUT is atomic
+
+    def _replace(self) -> None:
+        try:
+            self.storage.remove(self.path)
+        except FileNotFoundError:
+            pass
+        try:
+            self.storage.write_bytes(self.path, json.dumps(self._doc()).encode(), exclusive=True)
+        except FileExistsError:
+            raise DistckptError(self._busy_message(self._read())) from None
+
+    def check(self) -> None:
+        """Raise ``CommitError`` if another job has taken the root over since we took it."""
+        doc = self._read()
+        if doc.get("nonce") != self.nonce:
+            raise CommitError(
+                f"{self.storage.url} was taken over by another job ({doc.get('job', 'unknown')}); this job "
+                "no longer commits there. Give each job its own checkpoint directory"
+            )
+
+    def refresh(self) -> None:
+        if self._read().get("nonce") == self.nonce:
+            self._overwrite()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001 - a missed refresh only ages the lease
+                log.warning("could not refresh %s: %s", self.path, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if self._read().get("nonce") == self.nonce:
+                self.storage.remove(self.path)
+        except OSError as e:
+            log.warning("could not release %s: %s", self.path, e)
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
