@@ -14,6 +14,7 @@ The save path (see DESIGN.md):
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import json
 import threading
@@ -286,7 +287,13 @@ class Checkpointer:
 
     def _write(self, job: _Job, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
         tensors = self._stager.materialize(job.staged)
-        records, table = self._engine.write(tensors, workdir, self._storage, self._ctx)
+        try:
+            records, table = self._engine.write(tensors, workdir, self._storage, self._ctx)
+        except (CheckpointError, OSError) as e:
+            explained = _explain_storage_error(e, self._storage.url, job.step)
+            if explained is e:
+                raise
+            raise explained from e
         return records, table, job.per_rank
 
     def _finish(self, job: _Job, workdir: str, results: list[Any]) -> CheckpointInfo | None:
@@ -469,6 +476,23 @@ def _flush_at_exit(ref: weakref.ReferenceType) -> None:
             ckpt.close()
         except Exception as e:  # noqa: BLE001
             log.error("a checkpoint save pending at exit failed: %s", e)
+
+
+def _explain_storage_error(err: BaseException, url: str, step: int) -> BaseException:
+    """Say what a low-level storage error means for the user, and what to do."""
+    causes = list(getattr(err, "errors", {}).values()) or [err]
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DistckptError(
+                f"no space left where {url} lives while writing step {step} ({cause}); free space or keep "
+                "fewer checkpoints (keep=distckpt.Keep(last=...)); earlier committed steps are intact"
+            )
+        text = f"{type(cause).__name__}: {cause}"
+        if "RemoteError" in type(cause).__name__ and ("No space left" in text or "Errno 28" in text):
+            return DistckptError(
+                f"no space left where {url} lives while writing step {step} (on another rank: {cause}); free space or keep fewer checkpoints"
+            )
+    return err
 
 
 def _check_step(step: Any) -> int:

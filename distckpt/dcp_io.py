@@ -33,6 +33,9 @@ class FileRecorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._files: dict[str, tuple[int, str | None]] = {}
+        # OS errors seen by the streams: torch's zip writer replaces them with a vague
+        # RuntimeError ("unexpected pos"), and the errno (ENOSPC, EIO) is what users need
+        self.os_errors: list[OSError] = []
 
     def put(self, path: str, size: int, digest: str | None) -> None:
         with self._lock:
@@ -60,9 +63,10 @@ class FileRecorder:
 class _HashingStream(io.RawIOBase):
     """A write-only stream that checksums what passes through to ``raw``."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, recorder: FileRecorder) -> None:
         super().__init__()
         self._raw = raw
+        self._recorder = recorder
         self._sum = Checksum()
         self.sequential = True
 
@@ -70,7 +74,11 @@ class _HashingStream(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        n = self._raw.write(b)
+        try:
+            n = self._raw.write(b)
+        except OSError as e:
+            self._recorder.os_errors.append(e)
+            raise
         view = memoryview(b).cast("B")
         self._sum.update(view if n is None or n == len(view) else view[:n])
         return len(view) if n is None else n
@@ -109,7 +117,7 @@ class _HashingFS:
             if "w" not in mode:
                 yield raw
                 return
-            stream = _HashingStream(raw)
+            stream = _HashingStream(raw, self._recorder)
             yield stream
             digest = stream._sum.hexdigest() if stream.sequential else None
             self._recorder.put(str(path), stream._sum.size, digest)

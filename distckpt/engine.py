@@ -74,8 +74,13 @@ class _DcpEngine:
     ) -> tuple[list[FileRecord], dict[str, Any]]:
         writer = storage.dcp_writer(workdir, self.write_threads)
         recorder = record_files(writer)
-        with _unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
-            md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+        try:
+            with _unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
+                md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+        except CheckpointError as e:
+            if recorder.os_errors:  # the real cause, which torch's writer turned into a RuntimeError
+                raise recorder.os_errors[0] from e
+            raise
 
         def read_back(name: str) -> tuple[int, str]:
             with storage.open_read(storage.join(workdir, name)) as f:

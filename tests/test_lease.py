@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from distckpt import CheckpointError, Checkpointer, DistckptError
+from distckpt import Checkpointer, CheckpointError, DistckptError
 from distckpt.lease import LOCK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,11 @@ def _start_holder(root, tmp_path, opts=None, env=None):
     go = str(tmp_path / "go")
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, root, go, json.dumps(opts or {})],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout.readline().strip() == "holding", proc.stderr.read()
     return proc, go
