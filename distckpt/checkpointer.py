@@ -14,9 +14,6 @@ The save path (see DESIGN.md):
 from __future__ import annotations
 
 import atexit
-import errno
-import itertools
-import json
 import threading
 import time
 import uuid
@@ -24,66 +21,23 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
-from .catalog import Catalog
-from .commit import commit_for
 from .dist import RankContext
 from .engine import make_engine
-from .errors import CheckpointError, DistckptError
-from .info import CheckpointInfo, SaveStats
+from .errors import DistckptError
+from .info import CheckpointInfo
 from .lease import Lease
 from .log import log
-from .manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
 from .recoverables import Adapter, link_optimizers, make_adapter
 from .restoring import Restorer
 from .retention import RetentionPolicy, as_policy
+from .saving import SaveHandle, SaveJob, Saver, check_meta, check_step
 from .staging import Staged, Stager, make_stager
-from .storage import open_storage
+from .tiers import Nodes, Tier, Uploader
 from .tree import split
-
-
-class SaveHandle:
-    """One save in flight. ``wait()`` returns its ``CheckpointInfo`` or raises its error."""
-
-    def __init__(self, step: int, future: Future) -> None:
-        self.step = step
-        self._future = future
-        self.reported = False
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def failed(self) -> bool:
-        return self._future.done() and self._future.exception() is not None
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo:
-        try:
-            return self._future.result(timeout)
-        except BaseException:
-            self.reported = True
-            raise
-
-    def __repr__(self) -> str:
-        state = "failed" if self.failed() else "done" if self.done() else "pending"
-        return f"SaveHandle(step={self.step}, {state})"
-
-
-@dataclass
-class _Job:
-    step: int
-    meta: dict[str, Any]
-    skeletons: dict[str, Any]
-    per_rank: dict[str, Any]
-    staged: Staged
-    stall_s: float = 0.0
-    stage_s: float = 0.0
-    staging_bytes: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    error: Exception | None = None
 
 
 class Checkpointer:
@@ -106,6 +60,8 @@ class Checkpointer:
         async_save: bool = False,
         keep: Any = None,
         storage_options: dict[str, Any] | None = None,
+        local_dir: str | None = None,
+        local_keep: int = 2,
         process_group: Any = None,
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,
@@ -116,33 +72,42 @@ class Checkpointer:
     ) -> None:
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
+        if max_in_flight < 1 or local_keep < 1:
+            raise ValueError("max_in_flight and local_keep must be >= 1")
         self._engine = make_engine(mode, write_threads)
         self._policy: RetentionPolicy = as_policy(keep)
-        self._storage = open_storage(url, storage_options)
-        self._commit = commit_for(self._storage)
-        self._catalog = Catalog(self._storage, self._commit)
+        self._remote = Tier.open("primary", url, storage_options, shared=True)
+        self._local = Tier.open("local", local_dir, None, shared=False) if local_dir else None
         self._ctx = RankContext(process_group, timeout)
+        self._nodes = Nodes.find(self._ctx, local_dir)
+        if self._local is not None:
+            self._ctx.add_group("up")  # the uploader's own collectives
         self._hooks: dict[type, Any] = {}
         self._adapters: dict[str, Adapter] = {}
         self.add_recoverables(recoverables or {})
         self._stager: Stager = self._make_stager(stager, staging_budget)
         self._max_in_flight = max_in_flight
         self._pending: deque[SaveHandle] = deque()
-        self._active: set[str] = set()
         self._lock = threading.Lock()
-        self._seq = itertools.count()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save") if async_save else None
-        # retention deletes off the save path: a commit is durable before old steps go
-        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention")
-        self._janitor_job: Future | None = None
         self._closed = False
         self._read_only = read_only
         self._lease: Lease | None = None
-        self._nonce = self._ctx.agree(self._open_root, f"opening {url}")[0]
-        self._restorer = Restorer(self._ctx, self._storage, self._catalog, self._engine)
-        if async_save:
+        nonce = self._ctx.agree(self._open_roots, f"opening {url}")[0]
+        self._uploader = None
+        if self._local is not None:
+            self._uploader = Uploader(
+                self._ctx, self._local, self._remote, nodes=self._nodes, policy=self._policy,
+                local_keep=local_keep, check_lease=self._check_lease, threads=write_threads,
+            )
+        self._saver = Saver(
+            ctx=self._ctx, engine=self._engine, stager=self._stager, tier=self._local or self._remote,
+            remote=self._remote, policy=self._policy, nonce=nonce, nodes=self._nodes,
+            uploader=self._uploader, lease=self._lease, local_keep=local_keep,
+        )
+        tiers = [t for t in (self._local, self._remote) if t is not None]
+        self._restorer = Restorer(self._ctx, tiers, self._engine)
+        if async_save or local_dir:
             atexit.register(_flush_at_exit, weakref.ref(self))
 
     # --- recoverables ---------------------------------------------------------------
@@ -180,42 +145,42 @@ class Checkpointer:
 
     @property
     def url(self) -> str:
-        return self._storage.url
+        return self._remote.storage.url
 
     # --- saving ---------------------------------------------------------------------
 
     def save(self, step: int, meta: Mapping[str, Any] | None = None) -> SaveHandle:
         """Snapshot every recoverable as ``step`` and commit it (in the background with
         ``async_save``). Returns once tensors are staged; the caller may then change them.
-        Raises the error of an earlier failed save, once."""
+        Raises the error of an earlier failed save or upload, once."""
         self._check_open()
         if self._read_only:
             raise DistckptError("this Checkpointer was opened with read_only=True and cannot save")
         t0 = time.perf_counter()
-        step, meta = _check_step(step), _check_meta(meta)
+        step, meta = check_step(step), check_meta(meta)
         self._drain(self._max_in_flight - 1)
         try:
             job = self._snapshot(step, meta, t0)
         except Exception as e:  # noqa: BLE001 - other ranks are heading into collectives:
             # carry the error into the job so that every rank raises it together.
-            job = _Job(step, meta, {}, {}, Staged({}), error=e)
+            job = SaveJob(step, meta, {}, {}, Staged({}), error=e)
         if self._executor is None:
             future: Future = Future()
             try:
-                future.set_result(self._run(job))
+                future.set_result(self._saver.run(job))
             except BaseException as e:
                 future.set_exception(e)
             handle = SaveHandle(step, future)
             handle.wait()  # a sync save raises right here, on every rank
             return handle
-        handle = SaveHandle(step, self._executor.submit(self._run, job))
+        handle = SaveHandle(step, self._executor.submit(self._saver.run, job))
         with self._lock:
             self._pending.append(handle)
         if job.staged.live:  # nothing was copied: the tensors must be written before we return
             self._drain(0)
         return handle
 
-    def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> _Job:
+    def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> SaveJob:
         full = self._engine.full_state
         skeletons, per_rank, tensors = {}, {}, {}
         for name, adapter in self._adapters.items():
@@ -230,103 +195,7 @@ class Checkpointer:
         t_stage = time.perf_counter()
         staged = self._stager.stage(tensors) if self._engine.writes(self._ctx) else Staged({})
         now = time.perf_counter()
-        return _Job(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0)
-
-    def _run(self, job: _Job) -> CheckpointInfo:
-        """(all ranks, in save order) write, gather, commit. Raises on every rank or none."""
-        ctx = self._ctx
-        workdir = self._commit.workdir(job.step, f"{self._nonce}-{next(self._seq)}")
-        with self._lock:
-            self._active.add(workdir)
-        try:
-            ctx.agree(lambda: self._prepare(job, workdir), f"preparing step {job.step}", bg=True)
-            t_write = time.perf_counter()
-            results = ctx.agree(lambda: self._write(job, workdir), f"writing step {job.step}", bg=True)
-            t_commit = time.perf_counter()
-            infos = ctx.agree(lambda: self._finish(job, workdir, results), f"committing step {job.step}", bg=True)
-        except CheckpointError:
-            if ctx.is_chief:
-                self._commit.abort(workdir)
-            raise
-        finally:
-            self._stager.release(job.staged)
-            with self._lock:
-                self._active.discard(workdir)
-        end = time.perf_counter()
-        stats = SaveStats(
-            stall_s=job.stall_s,
-            stage_s=job.stage_s,
-            write_s=t_commit - t_write,
-            commit_s=end - t_commit,
-            total_s=end - job.started,
-            bytes_written=sum(r.size for r in results[ctx.rank][0]),
-            staging_bytes=job.staging_bytes,
-        )
-        info = replace(infos[0], stats=stats)
-        log.info(
-            "step %d committed: stall %.3fs, write %.3fs (%.2f GB/s), commit %.3fs, %d bytes on this rank",
-            job.step,
-            stats.stall_s,
-            stats.write_s,
-            stats.write_gbps,
-            stats.commit_s,
-            stats.bytes_written,
-        )
-        if ctx.is_chief:
-            self._janitor_job = self._janitor.submit(self._retain)
-        return info
-
-    def _prepare(self, job: _Job, workdir: str) -> None:
-        if job.error is not None:
-            raise job.error
-        step = job.step
-        if self._ctx.is_chief and self._catalog.is_committed(step):
-            raise DistckptError(f"step {step} is already committed; save under a new step number or delete it first")
-        if self._engine.writes(self._ctx):
-            self._storage.makedirs(workdir)
-
-    def _write(self, job: _Job, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
-        tensors = self._stager.materialize(job.staged)
-        try:
-            records, table = self._engine.write(tensors, workdir, self._storage, self._ctx)
-        except (CheckpointError, OSError) as e:
-            explained = _explain_storage_error(e, self._storage.url, job.step)
-            if explained is e:
-                raise
-            raise explained from e
-        return records, table, job.per_rank
-
-    def _finish(self, job: _Job, workdir: str, results: list[Any]) -> CheckpointInfo | None:
-        if not self._ctx.is_chief:
-            return None
-        state = {
-            "recoverables": job.skeletons,
-            "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
-            "tensors": results[0][1],
-            # staged copies are contiguous, which lets restore read raw bytes in place
-            "layout": "any" if job.staged.live else "contiguous",
-        }
-        data = json.dumps(state, allow_nan=True).encode()
-        self._storage.write_bytes(self._storage.join(workdir, STATE_FILE), data)
-        files = {rec.name: rec for records, _, _ in results for rec in records}
-        files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
-        manifest = Manifest(
-            step=job.step, world_size=self._ctx.world_size, mode=self._engine.mode, files=files, meta=job.meta
-        )
-        if self._lease is not None:
-            self._lease.check()  # fencing: never commit into a root another job has taken
-        self._commit.finish(workdir, manifest)
-        return self._catalog.info(manifest)
-
-    def _retain(self) -> None:
-        """(chief, after a commit) apply retention and clear leftovers; never raises."""
-        try:
-            self._catalog.apply_retention(self._policy)
-            with self._lock:
-                active = set(self._active)
-            self._catalog.clean_leftovers(active)
-        except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
-            log.warning("retention after commit failed (%s); it will be retried after the next save", e)
+        return SaveJob(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0)
 
     def _make_stager(self, kind: str | Stager, budget: int | None) -> Stager:
         """Pick the stager and, on writing ranks, reserve its pool in the background now."""
@@ -338,18 +207,28 @@ class Checkpointer:
             stager.reserve(nbytes)
         return stager
 
-    def _open_root(self) -> str | None:
+    def _open_roots(self) -> str | None:
+        """(chief) the remote root and the lease; (node leaders) the local tier."""
+        if self._local is not None and self._nodes.leader:
+            self._local.catalog.check_root()
+            if not self._read_only:
+                self._local.storage.makedirs(self._local.catalog.root)
+                self._local.catalog.clean_leftovers()
         if not self._ctx.is_chief:
             return None
-        self._catalog.check_root()  # fails early, clearly, on a file or a single step
+        self._remote.catalog.check_root()  # fails early, clearly, on a file or a single step
         if self._read_only:
             return uuid.uuid4().hex[:12]
-        if self._storage.atomic_rename:
-            self._storage.makedirs(self._catalog.root)
-        self._lease = Lease(self._storage, self._catalog.root)
+        if self._remote.storage.atomic_rename:
+            self._remote.storage.makedirs(self._remote.catalog.root)
+        self._lease = Lease(self._remote.storage, self._remote.catalog.root)
         self._lease.acquire()  # one writing job per root; refuses a second one clearly
-        self._catalog.clean_leftovers()  # safe: no other job writes here
+        self._remote.catalog.clean_leftovers()  # safe: no other job writes here
         return uuid.uuid4().hex[:12]
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
 
     # --- waiting --------------------------------------------------------------------
 
@@ -369,20 +248,19 @@ class Checkpointer:
                     error = e
         if error is not None:
             raise error
+        if self._uploader is not None:
+            self._uploader.check_errors()
 
     def wait(self) -> None:
-        """Block until every pending save is committed; raise a failed save's error (once)."""
+        """Block until every pending save is committed (and uploaded, with a local tier);
+        raise a failed save's or upload's error, once."""
         self._drain(0)
-        self._settle()
-
-    def _settle(self) -> None:
-        """Let the retention that follows the last commit finish (it never raises)."""
-        job = self._janitor_job
-        if job is not None:
-            job.result()
+        if self._uploader is not None:
+            self._uploader.wait()
+        self._saver.settle()
 
     def close(self) -> None:
-        """Flush pending saves and release resources. Idempotent."""
+        """Flush pending saves and uploads and release resources. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -391,7 +269,9 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            self._janitor.shutdown(wait=True)
+            if self._uploader is not None:
+                self._uploader.close()
+            self._saver.close()
             self._stager.close()
             if self._lease is not None:
                 self._lease.release()
@@ -415,9 +295,10 @@ class Checkpointer:
     # --- reading --------------------------------------------------------------------
 
     def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first (a local read; uncommitted work never shows)."""
-        self._settle()
-        return self._catalog.list()
+        """Committed checkpoints, oldest first (a local read; uncommitted work never shows).
+        With a local tier, steps not uploaded yet show with ``tier="local"``."""
+        self._saver.settle()
+        return self._restorer.list()
 
     def find(
         self,
@@ -446,7 +327,9 @@ class Checkpointer:
         the best by a meta value. ``predicate=``: newest for which it is true. A step that
         any rank cannot read is skipped (all ranks move together to the next candidate,
         with a warning) unless it was asked for by number. ``verify`` (default on) checks every
-        file's checksum as well as its size; ``verify=False`` trusts sizes alone. Returns ``None`` when there is no committed checkpoint. Collective.
+        file's checksum as well as its size; ``verify=False`` trusts sizes alone. With a local
+        tier, a step on local disk is read from there; the info's ``tier`` says which was used.
+        Returns ``None`` when there is no committed checkpoint. Collective.
         """
         self._check_open()
         self.wait()
@@ -466,7 +349,7 @@ class Checkpointer:
         self.wait()
         if not self._ctx.is_chief:
             return []
-        return self._catalog.apply_retention(as_policy(keep) if keep is not None else self._policy)
+        return self._remote.catalog.apply_retention(as_policy(keep) if keep is not None else self._policy)
 
 
 def _flush_at_exit(ref: weakref.ReferenceType) -> None:
@@ -476,47 +359,3 @@ def _flush_at_exit(ref: weakref.ReferenceType) -> None:
             ckpt.close()
         except Exception as e:  # noqa: BLE001
             log.error("a checkpoint save pending at exit failed: %s", e)
-
-
-def _explain_storage_error(err: BaseException, url: str, step: int) -> BaseException:
-    """Say what a low-level storage error means for the user, and what to do."""
-    causes = list(getattr(err, "errors", {}).values()) or [err]
-    for cause in causes:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DistckptError(
-                f"no space left where {url} lives while writing step {step} ({cause}); free space or keep "
-                "fewer checkpoints (keep=distckpt.Keep(last=...)); earlier committed steps are intact"
-            )
-        text = f"{type(cause).__name__}: {cause}"
-        if "RemoteError" in type(cause).__name__ and ("No space left" in text or "Errno 28" in text):
-            return DistckptError(
-                f"no space left where {url} lives while writing step {step} (on another rank: {cause}); free space or keep fewer checkpoints"
-            )
-    return err
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        try:
-            step = int(step.__index__())
-        except (AttributeError, TypeError):
-            raise TypeError(f"step must be an int, got {type(step).__name__}") from None
-    if not 0 <= step < 10**12:
-        raise ValueError(f"step must be in [0, 1e12), got {step}")
-    return step
-
-
-def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Meta must be JSON; 0-d tensors and numpy scalars are turned into numbers."""
-    out = {}
-    for key, value in (meta or {}).items():
-        if not isinstance(key, str):
-            raise TypeError(f"meta keys must be str, got {key!r}")
-        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-            value = value.item()
-        try:
-            json.dumps(value, allow_nan=True)
-        except TypeError as e:
-            raise TypeError(f"meta[{key!r}] must be JSON-serialisable: {e}") from None
-        out[key] = value
-    return out

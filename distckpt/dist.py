@@ -27,10 +27,16 @@ T = TypeVar("T")
 
 
 class RankContext:
-    """Collectives over this job's ranks; world size 1 needs no process group at all."""
+    """Collectives over this job's ranks; world size 1 needs no process group at all.
+
+    Every collective names the private group it runs on (``on=``): ``"fg"`` for the
+    training thread, ``"bg"`` for the save pipeline's thread, ``"up"`` for the uploader's.
+    A thread only ever uses its own group, so their collectives can never interleave.
+    """
 
     def __init__(self, process_group: Any = None, timeout: timedelta = timedelta(minutes=30)) -> None:
         self.timeout = timeout
+        self.groups: dict[str, Any] = {}
         if not (dist.is_available() and dist.is_initialized()):
             env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
             if env_world > 1:
@@ -39,13 +45,18 @@ class RankContext:
                     "torch.distributed.init_process_group() before creating the Checkpointer"
                 )
             self.rank, self.world_size = 0, 1
-            self.fg = self.bg = None
+            self._ranks = None
             return
-        ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
+        self._ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
-        self.fg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
-        self.bg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+        self.add_group("fg")
+        self.add_group("bg")
+
+    def add_group(self, name: str) -> None:
+        """Make a private gloo group (a collective: every rank calls it, in the same order)."""
+        if self.distributed:
+            self.groups[name] = dist.new_group(ranks=self._ranks, backend="gloo", timeout=self.timeout)
 
     @property
     def is_chief(self) -> bool:
@@ -55,37 +66,43 @@ class RankContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def group(self, bg: bool) -> Any:
-        return self.bg if bg else self.fg
+    @property
+    def fg(self) -> Any:
+        return self.groups.get("fg")
 
-    def all_gather(self, obj: Any, *, bg: bool = False) -> list[Any]:
+    @property
+    def bg(self) -> Any:
+        return self.groups.get("bg")
+
+    def all_gather(self, obj: Any, *, on: str = "fg") -> list[Any]:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group(bg))
+        dist.all_gather_object(out, obj, group=self.groups[on])
         return out
 
-    def broadcast(self, obj: Any, *, bg: bool = False) -> Any:
+    def broadcast(self, obj: Any, *, on: str = "fg") -> Any:
         """The chief's ``obj`` on every rank."""
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self._global(0, bg), group=self.group(bg))
+        group = self.groups[on]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         return box[0]
 
-    def any_true(self, flag: bool, *, bg: bool = False) -> bool:
+    def any_true(self, flag: bool, *, on: str = "fg") -> bool:
         """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
         if not self.distributed:
             return bool(flag)
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group(bg))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups[on])
         return bool(t.item())
 
-    def barrier(self, *, bg: bool = False) -> None:
+    def barrier(self, *, on: str = "fg") -> None:
         if self.distributed:
-            dist.barrier(group=self.group(bg))
+            dist.barrier(group=self.groups[on])
 
-    def agree(self, fn: Callable[[], T], what: str, *, bg: bool = False) -> list[T]:
+    def agree(self, fn: Callable[[], T], what: str, *, on: str = "fg") -> list[T]:
         """Run ``fn`` on every rank; return every rank's result, or raise on every rank."""
         local_err: BaseException | None = None
         try:
@@ -96,7 +113,7 @@ class RankContext:
             # (torch's CheckpointException derives from BaseException, hence the breadth)
             local_err = e
             payload = (None, describe(e))
-        gathered = self.all_gather(payload, bg=bg)
+        gathered = self.all_gather(payload, on=on)
         errors: dict[int, BaseException] = {}
         for r, (_, desc) in enumerate(gathered):
             if desc is not None:
@@ -104,9 +121,6 @@ class RankContext:
         if errors:
             raise CheckpointError(f"{what} failed", errors) from local_err
         return [value for value, _ in gathered]
-
-    def _global(self, group_rank: int, bg: bool) -> int:
-        return dist.get_global_rank(self.group(bg), group_rank)
 
 
 def describe(exc: BaseException) -> tuple[str, str, str]:

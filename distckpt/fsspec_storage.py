@@ -80,6 +80,11 @@ class FsspecStorage:
     def fsync_dir(self, path: str) -> None:
         """Object stores are durable once a PUT returns."""
 
+    def put_file(self, local_path: str, path: str) -> None:
+        """Upload a local file; s3fs sends large ones as a parallel multipart upload, with at
+        most ``max_concurrency`` parts in flight (a storage option, default 10)."""
+        self.fs.put_file(local_path, path)
+
     def dcp_writer(self, path: str, thread_count: int) -> Any:
         return FsspecWriter(self._url(path), thread_count=thread_count, sync_files=False, **self.storage_options)
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .catalog import Catalog
 from .dist import RankContext
 from .engine import Engine
 from .errors import (
@@ -34,7 +33,7 @@ from .info import CheckpointInfo
 from .log import log
 from .manifest import Manifest, checksum_stream
 from .recoverables import Adapter, ModuleAdapter
-from .storage import Storage
+from .tiers import Tier
 from .tree import dtype_from_name, join, split, tensor_refs
 
 
@@ -46,8 +45,20 @@ class _Plan:
 
 
 class Restorer:
-    def __init__(self, ctx: RankContext, storage: Storage, catalog: Catalog, engine: Engine) -> None:
-        self.ctx, self.storage, self.catalog, self.engine = ctx, storage, catalog, engine
+    """Restores from the tiers given (local first when there is one, then the remote root)."""
+
+    def __init__(self, ctx: RankContext, tiers: list[Tier], engine: Engine) -> None:
+        self.ctx, self.tiers, self.engine = ctx, {t.name: t for t in tiers}, engine
+        self.url = tiers[-1].storage.url
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed steps of every tier, oldest first; a step on several tiers is listed once,
+        with the tier a restore would read it from."""
+        merged: dict[int, CheckpointInfo] = {}
+        for tier in reversed(list(self.tiers.values())):  # earlier (faster) tiers win
+            for info in tier.catalog.list():
+                merged[info.step] = replace(info, tier=tier.name)
+        return [merged[s] for s in sorted(merged)]
 
     @staticmethod
     def rank_candidates(
@@ -69,78 +80,73 @@ class Restorer:
         sign = 1 if min_key else -1
         return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
 
-    def restore(
-        self,
-        adapters: dict[str, Adapter],
-        *,
-        step: int | None,
-        min_key: str | None,
-        max_key: str | None,
-        predicate: Any,
-        verify: bool,
-        strict: bool,
-    ) -> CheckpointInfo | None:
+    def _candidates(self, step: int | None, min_key: str | None, max_key: str | None, predicate: Any) -> list[tuple[int, list[str]]]:
+        """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
+        if step is None and min_key is None and max_key is None and predicate is None:
+            # newest first, damaged manifests included: they fail their check loudly
+            steps = {s for t in self.tiers.values() for s in t.catalog.committed_steps()}
+        else:
+            steps = {i.step for i in self.rank_candidates(self.list(), step, min_key, max_key, predicate)}
+            ranked = [i.step for i in self.rank_candidates(self.list(), step, min_key, max_key, predicate)]
+            return [(s, self._holders(s)) for s in ranked if s in steps]
+        return [(s, self._holders(s)) for s in sorted(steps, reverse=True)]
+
+    def _holders(self, step: int) -> list[str]:
+        return [name for name, t in self.tiers.items() if t.catalog.is_committed(step)]
+
+    def restore(self, adapters: dict[str, Adapter], *, step: int | None, min_key: str | None, max_key: str | None, predicate: Any, verify: bool, strict: bool) -> CheckpointInfo | None:
         ctx = self.ctx
         check_selection(step, min_key, max_key)  # bad arguments raise before any collective
-
-        def choose() -> list[int] | None:
-            if not ctx.is_chief:
-                return None
-            if step is None and min_key is None and max_key is None and predicate is None:
-                # newest first, damaged manifests included: they fail their check loudly
-                return sorted(self.catalog.committed_steps(), reverse=True)
-            ranked = self.rank_candidates(self.catalog.list(), step, min_key, max_key, predicate)
-            return [c.step for c in ranked]
-
-        steps = ctx.agree(choose, "choosing a checkpoint to restore")[0]
-        if not steps:
+        candidates = ctx.agree(lambda: self._candidates(step, min_key, max_key, predicate) if ctx.is_chief else None, "choosing a checkpoint to restore")[0]
+        if not candidates:
             if step is not None:
-                raise NoCheckpointError(
-                    f"step {step} is not a committed checkpoint in {self.storage.url}; see Checkpointer.list()"
-                )
-            log.info("no committed checkpoint in %s (matching the request); starting fresh", self.storage.url)
+                raise NoCheckpointError(f"step {step} is not a committed checkpoint in {self.url}; see Checkpointer.list()")
+            log.info("no committed checkpoint in %s (matching the request); starting fresh", self.url)
             return None
         failures = []
-        for candidate in steps:
-            try:
-                man, state = self._check(candidate, verify)
-                return self._load(adapters, candidate, man, state, strict)
-            except (CheckpointError, CorruptCheckpointError) as e:
-                _raise_if_incompatible(e)
-                if step is not None:
-                    raise CorruptCheckpointError(f"step {step} cannot be restored: {e}") from e
-                failures.append(f"step {candidate}: {e}")
-                log.warning(
-                    "step %d cannot be restored (%s); all ranks fall back to the next older committed step",
-                    candidate,
-                    e,
-                )
+        for candidate, holders in candidates:
+            for name in holders:
+                tier = self.tiers[name]
+                try:
+                    man, state = self._check(tier, candidate, verify)
+                    return self._load(tier, adapters, candidate, man, state, strict)
+                except (CheckpointError, CorruptCheckpointError) as e:
+                    _raise_if_incompatible(e)
+                    failures.append(f"step {candidate} ({name}): {e}")
+                    log.warning("step %d cannot be restored from the %s tier (%s); all ranks move on together", candidate, name, e)
+            if step is not None:
+                raise CorruptCheckpointError(f"step {step} cannot be restored: {'; '.join(failures)}")
         raise CorruptCheckpointError(
-            f"no committed checkpoint in {self.storage.url} could be restored ({'; '.join(failures)}); "
+            f"no committed checkpoint in {self.url} could be restored ({'; '.join(failures)}); "
             "check the storage, or move the damaged step directories away to start fresh"
         )
 
     # --- 2. checking ------------------------------------------------------------------
 
-    def _check(self, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
+    def _check(self, tier: Tier, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
         found: dict[str, Any] = {}
 
         def check() -> None:
-            man = self.catalog.read_manifest(step)
-            found["state"] = self.catalog.read_state(step, man)
+            man = tier.catalog.read_manifest(step)
+            found["state"] = tier.catalog.read_state(step, man)
             found["manifest"] = man
             names = sorted(man.files)
-            for name in names[self.ctx.rank :: self.ctx.world_size]:
-                self._check_file(step, man, name, verify)
+            if tier.shared:  # every rank sees every file: share the work out
+                mine = names[self.ctx.rank :: self.ctx.world_size]
+            else:  # a node-local tier: each rank checks the files it wrote
+                mine = [n for n in names if man.files[n].rank == self.ctx.rank]
+            for name in mine:
+                self._check_file(tier, step, man, name, verify)
 
         self.ctx.agree(check, f"checking step {step}")
         return found["manifest"], found["state"]
 
-    def _check_file(self, step: int, man: Manifest, name: str, verify: bool) -> None:
+    def _check_file(self, tier: Tier, step: int, man: Manifest, name: str, verify: bool) -> None:
         rec = man.files[name]
-        path = self.storage.join(self.catalog.step_path(step), name)
+        storage = tier.storage
+        path = storage.join(tier.catalog.step_path(step), name)
         try:
-            size = self.storage.size(path)
+            size = storage.size(path)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
         if size != rec.size:
@@ -148,7 +154,7 @@ class Restorer:
                 f"step {step}: {name} is {size} bytes, the manifest says {rec.size} (truncated?)"
             )
         if verify:
-            with self.storage.open_read(path) as f:
+            with storage.open_read(path) as f:
                 _, digest = checksum_stream(f)
             if digest != rec.checksum:
                 raise CorruptCheckpointError(
@@ -158,7 +164,7 @@ class Restorer:
     # --- 3 + 4. matching and loading ------------------------------------------------------
 
     def _load(
-        self, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
+        self, tier: Tier, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
     ) -> CheckpointInfo:
         full = self.engine.full_state
         saved = state.get("recoverables", {})
@@ -167,11 +173,11 @@ class Restorer:
             log.warning(
                 "step %d: %d tensors will be cast to this model's dtypes, e.g. %s", step, len(plan.cast), plan.cast[:3]
             )
-        stepdir = self.catalog.step_path(step)
+        stepdir = tier.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
         self.ctx.agree(
-            lambda: self.engine.read(load, stepdir, self.storage, self.ctx, contiguous), f"reading step {step}"
+            lambda: self.engine.read(load, stepdir, tier.storage, self.ctx, contiguous), f"reading step {step}"
         )
 
         def apply() -> None:
@@ -185,8 +191,11 @@ class Restorer:
                     adapter.load(restored, full, strict)
 
         self.ctx.agree(apply, f"applying step {step}")
-        info = self.catalog.info(man)
-        log.info("restored step %d from %s (saved by %d ranks in %s mode)", step, info.url, man.world_size, man.mode)
+        info = replace(tier.catalog.info(man), tier=tier.name)
+        log.info(
+            "restored step %d from %s (%s tier; saved by %d ranks in %s mode)",
+            step, info.url, tier.name, man.world_size, man.mode,
+        )
         return info
 
     def _plan(

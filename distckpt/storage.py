@@ -43,6 +43,7 @@ class Storage(Protocol):
     def remove(self, path: str) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
     def fsync_dir(self, path: str) -> None: ...
+    def put_file(self, local_path: str, path: str) -> None: ...
     def dcp_writer(self, path: str, thread_count: int) -> Any: ...
     def dcp_reader(self, path: str, contiguous: bool = False) -> Any: ...
 
@@ -116,6 +117,15 @@ class LocalStorage:
         except OSError as e:  # some network filesystems refuse fsync on directories
             if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
                 raise
+        finally:
+            os.close(fd)
+
+    def put_file(self, local_path: str, path: str) -> None:
+        """Copy a local file here, durably (``copy_file_range``/``sendfile`` under the hood)."""
+        shutil.copyfile(local_path, path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -142,7 +142,7 @@ def test_save_stats_are_reported(root, caplog):
     assert s.bytes_written >= t.numel() * 4 and s.staging_bytes >= t.numel() * 4
     assert 0 < s.stall_s and 0 < s.write_s and s.total_s >= s.write_s and s.write_gbps > 0
     assert set(s.as_dict()) >= {"stall_s", "stage_s", "write_s", "commit_s", "bytes_written", "write_gbps"}
-    assert "step 1 committed: stall" in caplog.text
+    assert "step 1 committed (primary): stall" in caplog.text
 
 
 RSS_SCRIPT = """

@@ -1,0 +1,181 @@
+"""Storage tiers: the remote root every checkpoint ends up in, and an optional fast local tier.
+
+With ``Checkpointer(url, local_dir=...)`` a save commits on node-local disk first (fast, and
+the fastest to restore from), and an ``Uploader`` copies each locally committed step to the
+remote URL in the background, committing it there only when every rank's files are up.
+
+``Uploader`` call order for one step: (all ranks, in save order) ``submit``; (upload
+thread, all ranks) each rank uploads the files it wrote; the ranks agree on the private
+``"up"`` gloo group; (chief) the remote commit (manifest last, exclusive), then remote
+retention; (node leaders) local retention, which never removes a step still to upload.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import Catalog
+from .commit import Commit, commit_for
+from .dist import RankContext
+from .errors import CheckpointError
+from .info import CheckpointInfo
+from .log import log
+from .manifest import Manifest
+from .retention import Keep, RetentionPolicy
+from .storage import Storage, open_storage
+
+
+@dataclass
+class Tier:
+    """One place checkpoints live. ``shared``: every rank sees every file (a remote URL or a
+    shared mount); node-local tiers hold only the files of their own node's ranks."""
+
+    name: str
+    storage: Storage
+    commit: Commit
+    catalog: Catalog
+    shared: bool = True
+
+    @classmethod
+    def open(cls, name: str, url: str, options: dict[str, Any] | None, shared: bool) -> Tier:
+        storage = open_storage(url, options)
+        commit = commit_for(storage)
+        return cls(name, storage, commit, Catalog(storage, commit), shared)
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Which ranks share a local tier (same host and same ``local_dir``)."""
+
+    leader: bool  # this rank prepares, commits and prunes its node's local tier
+    chief_node: bool  # this rank shares the chief's local tier
+    count: int
+
+    @classmethod
+    def find(cls, ctx: RankContext, local_dir: str | None) -> Nodes:
+        key = (socket.gethostname(), os.path.realpath(local_dir or ""))
+        keys = ctx.all_gather(key)
+        first = {}
+        for rank, k in enumerate(keys):
+            first.setdefault(k, rank)
+        return cls(first[key] == ctx.rank, key == keys[0], len(first))
+
+
+class Uploader:
+    """Copies locally committed steps to the remote tier on a thread of its own (see module doc)."""
+
+    def __init__(
+        self,
+        ctx: RankContext,
+        local: Tier,
+        remote: Tier,
+        *,
+        nodes: Nodes,
+        policy: RetentionPolicy,
+        local_keep: int,
+        check_lease: Callable[[], None],
+        threads: int = 4,
+        max_queued: int = 2,
+    ) -> None:
+        self.ctx, self.local, self.remote, self.nodes = ctx, local, remote, nodes
+        self.policy, self.local_keep, self.check_lease = policy, local_keep, check_lease
+        self.threads, self.max_queued = threads, max_queued
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-upload")
+        self._lock = threading.Lock()
+        self._futures: deque[tuple[int, Future]] = deque()
+        self._reported: set[int] = set()
+        self.pending: set[int] = set()  # steps committed locally, not yet on the remote tier
+
+    def submit(self, manifest: Manifest, nonce: str) -> None:
+        """(all ranks, in save order) Queue the upload of a locally committed step."""
+        with self._lock:
+            self.pending.add(manifest.step)
+            queued = [f for _, f in self._futures if not f.done()]
+        if len(queued) >= self.max_queued:
+            log.info("uploads are behind: waiting for the oldest before queueing step %d", manifest.step)
+            _wait_quietly(queued[0])
+        future = self._executor.submit(self._upload, manifest, nonce)
+        with self._lock:
+            self._futures.append((manifest.step, future))
+
+    def _upload(self, manifest: Manifest, nonce: str) -> CheckpointInfo | None:
+        step = manifest.step
+        workdir = self.remote.commit.workdir(step, nonce)
+        try:
+            self.ctx.agree(lambda: self._put_mine(manifest, workdir), f"uploading step {step}", on="up")
+            infos = self.ctx.agree(lambda: self._commit(manifest, workdir), f"committing step {step} remotely", on="up")
+        except CheckpointError:
+            if self.ctx.is_chief:
+                self.remote.commit.abort(workdir)
+            raise
+        finally:
+            with self._lock:
+                self.pending.discard(step)
+        if self.nodes.leader:
+            self.prune_local()
+        log.info("step %d uploaded to %s", step, self.remote.storage.url)
+        return infos[0]
+
+    def _put_mine(self, manifest: Manifest, workdir: str) -> None:
+        src = self.local.catalog.step_path(manifest.step)
+        mine = [r.name for r in manifest.files.values() if r.rank == self.ctx.rank]
+        if self.ctx.is_chief or self.remote.storage.atomic_rename:
+            self.remote.storage.makedirs(workdir)
+        with ThreadPoolExecutor(max(1, min(self.threads, len(mine)))) as pool:
+            for f in [pool.submit(self.remote.storage.put_file, os.path.join(src, n), self.remote.storage.join(workdir, n)) for n in mine]:
+                f.result()
+
+    def _commit(self, manifest: Manifest, workdir: str) -> CheckpointInfo | None:
+        if not self.ctx.is_chief:
+            return None
+        self.check_lease()
+        self.remote.commit.finish(workdir, manifest)
+        try:
+            self.remote.catalog.apply_retention(self.policy)
+        except Exception as e:  # noqa: BLE001 - retention never fails an upload
+            log.warning("remote retention failed (%s); it will be retried", e)
+        return self.remote.catalog.info(manifest)
+
+    def prune_local(self) -> None:
+        """(node leaders) Keep the newest ``local_keep`` local steps and any still to upload."""
+        with self._lock:
+            pending = set(self.pending)
+        try:
+            self.local.catalog.apply_retention(Keep(last=self.local_keep), protect=lambda s: s in pending)
+        except Exception as e:  # noqa: BLE001
+            log.warning("local retention failed (%s); it will be retried", e)
+
+    def check_errors(self) -> None:
+        """Raise the first failed upload not reported yet (once), without waiting."""
+        with self._lock:
+            done = [(s, f) for s, f in self._futures if f.done()]
+            self._futures = deque((s, f) for s, f in self._futures if not f.done())
+        for step, f in done:
+            if f.exception() is not None and step not in self._reported:
+                self._reported.add(step)
+                raise f.exception()  # type: ignore[misc]
+
+    def wait(self) -> None:
+        """Block until every queued upload is committed remotely; raise a failure once."""
+        with self._lock:
+            futures = [f for _, f in self._futures]
+        for f in futures:
+            _wait_quietly(f)
+        self.check_errors()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _wait_quietly(f: Future) -> None:
+    try:
+        f.result()
+    except BaseException:  # noqa: BLE001 - reported by check_errors, once
+        pass
