@@ -97,13 +97,27 @@ class Checkpointer:
         self._uploader = None
         if self._local is not None:
             self._uploader = Uploader(
-                self._ctx, self._local, self._remote, nodes=self._nodes, policy=self._policy,
-                local_keep=local_keep, check_lease=self._check_lease, threads=write_threads,
+                self._ctx,
+                self._local,
+                self._remote,
+                nodes=self._nodes,
+                policy=self._policy,
+                local_keep=local_keep,
+                check_lease=self._check_lease,
+                threads=write_threads,
             )
         self._saver = Saver(
-            ctx=self._ctx, engine=self._engine, stager=self._stager, tier=self._local or self._remote,
-            remote=self._remote, policy=self._policy, nonce=nonce, nodes=self._nodes,
-            uploader=self._uploader, lease=self._lease, local_keep=local_keep,
+            ctx=self._ctx,
+            engine=self._engine,
+            stager=self._stager,
+            tier=self._local or self._remote,
+            remote=self._remote,
+            policy=self._policy,
+            nonce=nonce,
+            nodes=self._nodes,
+            uploader=self._uploader,
+            lease=self._lease,
+            local_keep=local_keep,
         )
         tiers = [t for t in (self._local, self._remote) if t is not None]
         self._restorer = Restorer(self._ctx, tiers, self._engine)
@@ -195,7 +209,9 @@ class Checkpointer:
         t_stage = time.perf_counter()
         staged = self._stager.stage(tensors) if self._engine.writes(self._ctx) else Staged({})
         now = time.perf_counter()
-        return SaveJob(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0)
+        return SaveJob(
+            step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0
+        )
 
     def _make_stager(self, kind: str | Stager, budget: int | None) -> Stager:
         """Pick the stager and, on writing ranks, reserve its pool in the background now."""

@@ -80,7 +80,9 @@ class Restorer:
         sign = 1 if min_key else -1
         return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
 
-    def _candidates(self, step: int | None, min_key: str | None, max_key: str | None, predicate: Any) -> list[tuple[int, list[str]]]:
+    def _candidates(
+        self, step: int | None, min_key: str | None, max_key: str | None, predicate: Any
+    ) -> list[tuple[int, list[str]]]:
         """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
         if step is None and min_key is None and max_key is None and predicate is None:
             # newest first, damaged manifests included: they fail their check loudly
@@ -94,13 +96,28 @@ class Restorer:
     def _holders(self, step: int) -> list[str]:
         return [name for name, t in self.tiers.items() if t.catalog.is_committed(step)]
 
-    def restore(self, adapters: dict[str, Adapter], *, step: int | None, min_key: str | None, max_key: str | None, predicate: Any, verify: bool, strict: bool) -> CheckpointInfo | None:
+    def restore(
+        self,
+        adapters: dict[str, Adapter],
+        *,
+        step: int | None,
+        min_key: str | None,
+        max_key: str | None,
+        predicate: Any,
+        verify: bool,
+        strict: bool,
+    ) -> CheckpointInfo | None:
         ctx = self.ctx
         check_selection(step, min_key, max_key)  # bad arguments raise before any collective
-        candidates = ctx.agree(lambda: self._candidates(step, min_key, max_key, predicate) if ctx.is_chief else None, "choosing a checkpoint to restore")[0]
+        candidates = ctx.agree(
+            lambda: self._candidates(step, min_key, max_key, predicate) if ctx.is_chief else None,
+            "choosing a checkpoint to restore",
+        )[0]
         if not candidates:
             if step is not None:
-                raise NoCheckpointError(f"step {step} is not a committed checkpoint in {self.url}; see Checkpointer.list()")
+                raise NoCheckpointError(
+                    f"step {step} is not a committed checkpoint in {self.url}; see Checkpointer.list()"
+                )
             log.info("no committed checkpoint in %s (matching the request); starting fresh", self.url)
             return None
         failures = []
@@ -113,7 +130,12 @@ class Restorer:
                 except (CheckpointError, CorruptCheckpointError) as e:
                     _raise_if_incompatible(e)
                     failures.append(f"step {candidate} ({name}): {e}")
-                    log.warning("step %d cannot be restored from the %s tier (%s); all ranks move on together", candidate, name, e)
+                    log.warning(
+                        "step %d cannot be restored from the %s tier (%s); all ranks move on together",
+                        candidate,
+                        name,
+                        e,
+                    )
             if step is not None:
                 raise CorruptCheckpointError(f"step {step} cannot be restored: {'; '.join(failures)}")
         raise CorruptCheckpointError(
@@ -194,7 +216,11 @@ class Restorer:
         info = replace(tier.catalog.info(man), tier=tier.name)
         log.info(
             "restored step %d from %s (%s tier; saved by %d ranks in %s mode)",
-            step, info.url, tier.name, man.world_size, man.mode,
+            step,
+            info.url,
+            tier.name,
+            man.world_size,
+            man.mode,
         )
         return info
 

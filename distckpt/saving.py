@@ -114,7 +114,11 @@ class Saver:
             docs = ctx.agree(lambda: self._finish(job, workdir, results), f"committing step {job.step}", on="bg")
             manifest_json, state_json, metadata = docs[0]
             if self.nodes.count > 1 and not tier.shared:
-                ctx.agree(lambda: self._commit_node_copy(workdir, manifest_json, state_json, metadata), f"committing step {job.step} on every node", on="bg")
+                ctx.agree(
+                    lambda: self._commit_node_copy(workdir, manifest_json, state_json, metadata),
+                    f"committing step {job.step} on every node",
+                    on="bg",
+                )
         except CheckpointError:
             if ctx.is_chief or (self.nodes.leader and not tier.shared):
                 tier.commit.abort(workdir)
@@ -138,7 +142,9 @@ class Saver:
         if self.ctx.is_chief:
             for tier in {id(self.tier): self.tier, id(self.remote): self.remote}.values():
                 if tier.catalog.is_committed(job.step):
-                    raise DistckptError(f"step {job.step} is already committed in {tier.storage.url}; save under a new step number or delete it first")
+                    raise DistckptError(
+                        f"step {job.step} is already committed in {tier.storage.url}; save under a new step number or delete it first"
+                    )
         if self.engine.writes(self.ctx) or (self.nodes.leader and not self.tier.shared):
             self.tier.storage.makedirs(workdir)
 
@@ -168,7 +174,9 @@ class Saver:
         storage.write_bytes(storage.join(workdir, STATE_FILE), data)
         files = {rec.name: rec for records, _, _ in results for rec in records}
         files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
-        manifest = Manifest(step=job.step, world_size=self.ctx.world_size, mode=self.engine.mode, files=files, meta=job.meta)
+        manifest = Manifest(
+            step=job.step, world_size=self.ctx.world_size, mode=self.engine.mode, files=files, meta=job.meta
+        )
         if self.lease is not None:
             self.lease.check()  # fencing: never commit into a root another job has taken
         metadata = None
@@ -204,7 +212,13 @@ class Saver:
         assert s is not None
         log.info(
             "step %d committed (%s): stall %.3fs, write %.3fs (%.2f GB/s), commit %.3fs, %d bytes on this rank",
-            info.step, info.tier, s.stall_s, s.write_s, s.write_gbps, s.commit_s, s.bytes_written,
+            info.step,
+            info.tier,
+            s.stall_s,
+            s.write_s,
+            s.write_gbps,
+            s.commit_s,
+            s.bytes_written,
         )
 
     def _retain(self) -> None:
@@ -267,5 +281,3 @@ def check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
             raise TypeError(f"meta[{key!r}] must be JSON-serialisable: {e}") from None
         out[key] = value
     return out
-
-

@@ -129,7 +129,10 @@ class Uploader:
         if self.ctx.is_chief or self.remote.storage.atomic_rename:
             self.remote.storage.makedirs(workdir)
         with ThreadPoolExecutor(max(1, min(self.threads, len(mine)))) as pool:
-            for f in [pool.submit(self.remote.storage.put_file, os.path.join(src, n), self.remote.storage.join(workdir, n)) for n in mine]:
+            for f in [
+                pool.submit(self.remote.storage.put_file, os.path.join(src, n), self.remote.storage.join(workdir, n))
+                for n in mine
+            ]:
                 f.result()
 
     def _commit(self, manifest: Manifest, workdir: str) -> CheckpointInfo | None:

@@ -69,7 +69,7 @@ def _child(fn: Any, rank: int, world_size: int, store: str, args: tuple, out: An
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Any, world_size: int, *args: Any, timeout: float = 120, init: bool = True) -> list[Any]:
+def run_ranks(fn: Any, world_size: int, *args: Any, timeout: float = 240, init: bool = True) -> list[Any]:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank.
 
     ``init=False`` with ``world_size=1`` runs without any process group at all.
