@@ -64,11 +64,11 @@ def _restore(rank, world, b, mode, step):
 
 @pytest.mark.parametrize("mode,async_save", [("sharded", True), ("chief", False)])
 def test_two_rank_save_then_restore_bit_exact(backend, mode, async_save):
-    saved = run_ranks(_job, 2, backend, mode, 3, async_save, timeout=180)
+    saved = run_ranks(_job, 2, backend, mode, 3, async_save, timeout=300)
     model_sd, optim_sd, listed = saved[0]
     assert [s for s, _ in listed] == [2, 3]  # retention kept the newest two, everywhere
-    out = run_ranks(_restore, 2, backend, mode, None, timeout=120)
-    for m, o, step, tier in out:
+    out = run_ranks(_restore, 2, backend, mode, None, timeout=240)
+    for m, o, step, _tier in out:
         assert step == 3 and tensors_equal(m, model_sd) and tensors_equal(o["state"], optim_sd["state"])
     fs, root = _fs(backend)
     assert fs.exists(f"{root}/step_000000000003/manifest.json")  # on the primary URL in every case
@@ -77,8 +77,8 @@ def test_two_rank_save_then_restore_bit_exact(backend, mode, async_save):
 
 
 def test_reshard_two_ranks_to_one_without_process_group(backend):
-    saved = run_ranks(_job, 2, backend, "sharded", 2, False, timeout=180)
-    out = run_ranks(_restore, 1, backend, "sharded", 2, init=False, timeout=120)
+    saved = run_ranks(_job, 2, backend, "sharded", 2, False, timeout=300)
+    out = run_ranks(_restore, 1, backend, "sharded", 2, init=False, timeout=240)
     assert tensors_equal(out[0][0], saved[0][0])
 
 
@@ -144,7 +144,7 @@ def test_damaged_newest_step_falls_back_on_every_backend(backend):
 
 def _upload_fails(rank, world, b):
     t = torch.zeros(256)
-    ckpt = Checkpointer(b["url"], {"t": t}, **_kwargs(b, rank), timeout=120)
+    ckpt = Checkpointer(b["url"], {"t": t}, **_kwargs(b, rank), timeout=240)
     t.fill_(1)
     ckpt.save(1)  # committed locally at once; the upload to S3 fails in the background
     try:
@@ -166,7 +166,7 @@ def test_a_failed_upload_is_reported_and_the_local_copy_still_restores(tmp_path,
         proxy.fail("step_000000000001", status=500)
         opts = {**s3_server, "endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 2}}}
         b = {"kind": "tiered", "url": s3_root, "opts": opts, "local": str(tmp_path / "local")}
-        out = run_ranks(_upload_fails, 2, b, timeout=180)
+        out = run_ranks(_upload_fails, 2, b, timeout=300)
         for error, step, tier, value in out:
             assert error and "uploading step 1" in error
             assert (step, tier, value) == (1, "local", 1.0)
