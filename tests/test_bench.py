@@ -38,3 +38,16 @@ def test_save_bench_smoke_on_cpu(tmp_path):
     assert results["ceilings"]["disk_write_fsync_gbps"] > 0 and results["ceilings"]["stage_gbps"] > 0
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best competitor" in proc.stdout and "distckpt async" in proc.stdout
+
+
+def test_storage_bench_reports_gbps_for_every_backend(tmp_path):
+    out = tmp_path / "storage"
+    cmd = [sys.executable, "-m", "benchmarks.storage_bench", "--size-gb", "0.01", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    backends = json.loads((out / "storage.json").read_text())["backends"]
+    assert set(backends) == {"local disk", "s3", "local tier + s3"}
+    for name, r in backends.items():
+        assert r["save_gbps"] > 0 and r["restore_gbps"] > 0, name
+    assert backends["local tier + s3"]["upload_gbps"] > 0 and backends["local tier + s3"]["restore_remote_gbps"] > 0
+    assert (out / "storage.png").read_bytes()[:4] == b"\x89PNG"
