@@ -30,6 +30,7 @@ from torch.futures import Future
 from .dcp_io import SafeFileSystemReader
 
 _DATA_RECORD = re.compile(r"(^|/)data/\d+$")
+_CHUNK = 64 << 20  # bytes per pinned bounce buffer (per reader thread)
 
 
 class _Window(io.RawIOBase):
@@ -136,14 +137,17 @@ class FastReader(SafeFileSystemReader):
             return False
         target = planner.resolve_tensor(req).detach()
         whole = tuple(req.storage_offsets) == (0,) * len(shape) and tuple(req.lengths) == tuple(shape)
-        if (
-            whole
-            and target.device.type == "cpu"
-            and target.dtype == dtype
-            and target.is_contiguous()
-            and tuple(target.shape) == tuple(shape)
-        ):
-            _pread_into(fd, _bytes_of(target), span[0])
+        same = whole and target.dtype == dtype and target.is_contiguous() and tuple(target.shape) == tuple(shape)
+        if same and target.device.type == "cpu":
+            _pread_into(fd, _bytes_of(target), span[0])  # straight into place: no copy at all
+        elif same:
+            # to the device through a small reused pinned buffer, a chunk at a time
+            dst = target.reshape(-1).view(torch.uint8)
+            for off in range(0, nbytes, _CHUNK):
+                n = min(_CHUNK, nbytes - off)
+                buf = self._buffer(n, pin=True)
+                _pread_into(fd, buf[:n].numpy(), span[0] + off)
+                dst[off : off + n].copy_(buf[:n])
         else:
             buf = self._buffer(nbytes, pin=target.is_cuda)
             _pread_into(fd, buf[:nbytes].numpy(), span[0])
