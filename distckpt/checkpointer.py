@@ -43,12 +43,26 @@ from .tree import split
 class Checkpointer:
     """Save and restore a training job's state, on every rank, consistently.
 
-    ``url``: a directory (local, NFS) or fsspec URL (``s3://bucket/run``).
-    ``recoverables``: ``{name: obj}`` (modules, optimizers, schedulers, any ``Stateful``,
-    tensors, dicts, JSON values). ``mode``: ``"sharded"`` (every rank writes its shards) or
-    ``"chief"`` (rank 0 writes the full state). ``keep``: a ``Keep`` or ``RetentionPolicy``.
-    ``async_save``: return from ``save()`` once tensors are staged; ``max_in_flight`` saves
-    may be pending. Constructing it is a collective: every rank must do it, in the same order.
+    Constructing it is a collective: every rank must do it, in the same order.
+
+    Args:
+        url: a directory (local disk, NFS, Lustre) or an fsspec URL (``s3://bucket/run``).
+        recoverables: ``{name: obj}``: modules, optimizers, schedulers, any ``Stateful``,
+            tensors, dicts, plain JSON values (see ``add_recoverable``).
+        mode: ``"sharded"`` (every rank writes its shards through DCP) or ``"chief"``
+            (rank 0 writes the full, gathered state; every rank reads it back).
+        async_save: ``save()`` returns once tensors are staged; the rest runs on a
+            background thread. ``max_in_flight`` saves may be pending at once.
+        keep: a ``Keep`` or any ``RetentionPolicy``; ``None`` keeps everything.
+        storage_options: passed to fsspec (S3 endpoint, credentials, retries).
+        local_dir, local_keep: a node-local tier in front of ``url`` (see README).
+        process_group: the ranks to coordinate (default: the whole job).
+        timeout: for collectives; a rank that dies makes the others fail after this.
+        write_threads: files written in parallel per rank.
+        stager: ``"auto"``, ``"host"``, ``"pinned"``, ``"gpu"``, ``"direct"`` or a ``Stager``.
+        staging_budget: bytes of staging memory allowed; a bigger state is written
+            tensor by tensor (``save()`` then blocks until written).
+        read_only: restore and list only; takes no lease, cleans nothing, cannot save.
     """
 
     def __init__(
@@ -117,7 +131,6 @@ class Checkpointer:
             nodes=self._nodes,
             uploader=self._uploader,
             lease=self._lease,
-            local_keep=local_keep,
         )
         tiers = [t for t in (self._local, self._remote) if t is not None]
         self._restorer = Restorer(self._ctx, tiers, self._engine)

@@ -90,7 +90,6 @@ class Saver:
     nodes: Nodes
     uploader: Uploader | None = None
     lease: Lease | None = None
-    local_keep: int = 2
 
     def __post_init__(self) -> None:
         self._seq = itertools.count()

@@ -60,7 +60,9 @@ class Nodes:
 
     @classmethod
     def find(cls, ctx: RankContext, local_dir: str | None) -> Nodes:
-        key = (socket.gethostname(), os.path.realpath(local_dir or ""))
+        if local_dir is None:  # no local tier: nothing to coordinate
+            return cls(ctx.is_chief, True, 1)
+        key = (socket.gethostname(), os.path.realpath(local_dir))
         keys = ctx.all_gather(key)
         first = {}
         for rank, k in enumerate(keys):
