@@ -41,10 +41,14 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def measure(url: str, state: dict[str, torch.Tensor], opts: dict[str, Any] | None, local_dir: str | None = None) -> dict[str, float]:
+def measure(
+    url: str, state: dict[str, torch.Tensor], opts: dict[str, Any] | None, local_dir: str | None = None
+) -> dict[str, float]:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     out: dict[str, float] = {"bytes": nbytes}
-    with distckpt.Checkpointer(url, {"state": state}, storage_options=opts, local_dir=local_dir, write_threads=4) as ckpt:
+    with distckpt.Checkpointer(
+        url, {"state": state}, storage_options=opts, local_dir=local_dir, write_threads=4
+    ) as ckpt:
         t0 = time.perf_counter()
         ckpt.save(1)
         out["save_gbps"] = nbytes / (time.perf_counter() - t0) / GB
@@ -57,7 +61,9 @@ def measure(url: str, state: dict[str, torch.Tensor], opts: dict[str, Any] | Non
         if drop_local:
             shutil.rmtree(local_dir, ignore_errors=True)
         target = {k: torch.zeros_like(v) for k, v in state.items()}
-        with distckpt.Checkpointer(url, {"state": target}, storage_options=opts, local_dir=local_dir, read_only=True) as reader:
+        with distckpt.Checkpointer(
+            url, {"state": target}, storage_options=opts, local_dir=local_dir, read_only=True
+        ) as reader:
             seconds = _timed(reader.restore)
         if not all(torch.equal(target[k], v) for k, v in state.items()):
             raise AssertionError(f"{url}: restore is not bit-exact")
@@ -80,7 +86,9 @@ def _moto() -> tuple[Any, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="storage_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="storage_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size-gb", type=float, default=0.2)
     p.add_argument("--s3-url", default=None, help="an S3 prefix to write under (default: a local moto server)")
     p.add_argument("--storage-options", default="{}", help="JSON for s3fs (endpoint_url, key, secret, ...)")
@@ -102,13 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     run = uuid.uuid4().hex[:8]
     base = args.dir or tempfile.mkdtemp(prefix="distckpt-storage-bench-")
     results: dict[str, Any] = {
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "size_gb": args.size_gb, "s3": "moto (local)" if server else s3_url, "torch": torch.__version__},
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "size_gb": args.size_gb,
+            "s3": "moto (local)" if server else s3_url,
+            "torch": torch.__version__,
+        },
         "backends": {},
     }
     try:
         results["backends"]["local disk"] = measure(os.path.join(base, f"disk-{run}"), state, None)
         results["backends"]["s3"] = measure(f"{s3_url}/s3-{run}", state, opts)
-        results["backends"]["local tier + s3"] = measure(f"{s3_url}/tier-{run}", state, opts, local_dir=os.path.join(base, f"tier-{run}"))
+        results["backends"]["local tier + s3"] = measure(
+            f"{s3_url}/tier-{run}", state, opts, local_dir=os.path.join(base, f"tier-{run}")
+        )
     finally:
         if server is not None:
             server.stop()
@@ -136,10 +151,17 @@ def report(results: dict[str, Any], out: str) -> None:
     names = list(results["backends"])
     width = 0.2
     for i, c in enumerate(cols):
-        ax.bar([j + i * width for j in range(len(names))], [results["backends"][n].get(c, 0) for n in names], width, label=c.removesuffix("_gbps"))
+        ax.bar(
+            [j + i * width for j in range(len(names))],
+            [results["backends"][n].get(c, 0) for n in names],
+            width,
+            label=c.removesuffix("_gbps"),
+        )
     ax.set_xticks([j + 1.5 * width for j in range(len(names))], names)
     ax.set_ylabel("GB/s")
-    ax.set_title(f"distckpt throughput per backend, {results['meta']['size_gb']} GB state (S3: {results['meta']['s3']})")
+    ax.set_title(
+        f"distckpt throughput per backend, {results['meta']['size_gb']} GB state (S3: {results['meta']['s3']})"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "storage.png"), dpi=110)

@@ -69,6 +69,30 @@ class _DcpEngine:
     def __init__(self, write_threads: int = 4) -> None:
         self.write_threads = max(1, int(write_threads))
 
+    def writes(self, ctx: RankContext) -> bool:
+        raise NotImplementedError
+
+    def _group(self, ctx: RankContext, name: str) -> Any:
+        """The process group DCP coordinates on (``name``: the calling thread's), or None."""
+        raise NotImplementedError
+
+    def write(
+        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
+        if not self.writes(ctx):
+            return [], {}
+        return self._save(tensors, workdir, storage, ctx.rank, self._group(ctx, "bg"))
+
+    def read(
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ctx: RankContext,
+        contiguous: bool = False,
+    ) -> None:
+        self._load(tensors, stepdir, storage, self._group(ctx, "fg"), contiguous)
+
     def _save(
         self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, rank: int, group: Any
     ) -> tuple[list[FileRecord], dict[str, Any]]:
@@ -110,21 +134,8 @@ class ShardedEngine(_DcpEngine):
     def writes(self, ctx: RankContext) -> bool:
         return True
 
-    def write(
-        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
-    ) -> tuple[list[FileRecord], dict[str, Any]]:
-        group = ctx.bg if ctx.distributed else None
-        return self._save(tensors, workdir, storage, ctx.rank, group)
-
-    def read(
-        self,
-        tensors: dict[str, torch.Tensor],
-        stepdir: str,
-        storage: Storage,
-        ctx: RankContext,
-        contiguous: bool = False,
-    ) -> None:
-        self._load(tensors, stepdir, storage, ctx.fg if ctx.distributed else None, contiguous)
+    def _group(self, ctx: RankContext, name: str) -> Any:
+        return ctx.groups[name] if ctx.distributed else None
 
 
 class ChiefEngine(_DcpEngine):
@@ -134,22 +145,8 @@ class ChiefEngine(_DcpEngine):
     def writes(self, ctx: RankContext) -> bool:
         return ctx.is_chief
 
-    def write(
-        self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ctx: RankContext
-    ) -> tuple[list[FileRecord], dict[str, Any]]:
-        if not ctx.is_chief:
-            return [], {}
-        return self._save(tensors, workdir, storage, 0, None)
-
-    def read(
-        self,
-        tensors: dict[str, torch.Tensor],
-        stepdir: str,
-        storage: Storage,
-        ctx: RankContext,
-        contiguous: bool = False,
-    ) -> None:
-        self._load(tensors, stepdir, storage, None, contiguous)
+    def _group(self, ctx: RankContext, name: str) -> Any:
+        return None  # the chief writes alone and every rank reads the whole state alone
 
 
 @contextlib.contextmanager
