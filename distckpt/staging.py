@@ -222,14 +222,9 @@ class PoolStager:
         self._wait_reserved()
         offsets, total = layout(tensors)
         arena = self.host.take(total)
-        out = {}
-        for fqn, t in tensors.items():
-            local = local_part(t).detach()
-            dst = arena.view(offsets[fqn], local)
-            dst.copy_(local, non_blocking=arena.pinned and local.is_cuda)
-            out[fqn] = rewrap(t, dst)
+        copies = _copy_into(arena, tensors, offsets, non_blocking=arena.pinned)
         _sync_devices(tensors)
-        return Staged(out, total, arenas=[arena])
+        return Staged({fqn: rewrap(tensors[fqn], dst) for fqn, dst in copies.items()}, total, arenas=[arena])
 
     def materialize(self, staged: Staged) -> dict[str, torch.Tensor]:
         return staged.tensors
@@ -263,12 +258,8 @@ class DeviceSnapshotStager(PoolStager):
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
         offsets, total = layout(tensors)
         arena = self.gpu.take(total)
-        out = {}
-        for fqn, t in tensors.items():
-            local = local_part(t).detach()
-            dst = arena.view(offsets[fqn], local)
-            dst.copy_(local)
-            out[fqn] = (t, offsets[fqn], dst)
+        copies = _copy_into(arena, tensors, offsets, non_blocking=False)
+        out = {fqn: (tensors[fqn], offsets[fqn], dst) for fqn, dst in copies.items()}
         event = torch.cuda.Event()
         event.record()
         return Staged(out, total, arenas=[arena], event=event)  # type: ignore[arg-type]
@@ -323,6 +314,19 @@ class DirectStager:
 
     def close(self) -> None:
         pass
+
+
+def _copy_into(
+    arena: Arena, tensors: dict[str, torch.Tensor], offsets: dict[str, int], non_blocking: bool
+) -> dict[str, torch.Tensor]:
+    """Copy every tensor's local data into its slice of ``arena``; returns the slices."""
+    out = {}
+    for fqn, t in tensors.items():
+        local = local_part(t).detach()
+        dst = arena.view(offsets[fqn], local)
+        dst.copy_(local, non_blocking=non_blocking and local.is_cuda)
+        out[fqn] = dst
+    return out
 
 
 def _sync_devices(tensors: dict[str, torch.Tensor]) -> None:
