@@ -115,7 +115,7 @@ class LocalStorage:
         try:
             os.fsync(fd)
         except OSError as e:  # some network filesystems refuse fsync on directories
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.ENOSYS):
                 raise
         finally:
             os.close(fd)
