@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from faults import FaultProxy, SmallDisk
 
 from distckpt import Checkpointer, CheckpointError
 
+from faults import FaultProxy, SmallDisk
 from harness import run_ranks
 
 # a user's retry settings for a flaky endpoint: botocore retries, fewer and faster than AWS defaults

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distckpt import Checkpointer, Keep
+
 from harness import run_ranks
 from sharedfs import SharedFS
 
