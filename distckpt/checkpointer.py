@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -38,6 +38,7 @@ from .errors import CheckpointError, DistckptError
 from .info import CheckpointInfo, SaveStats
 from .log import log
 from .manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
+from .preemption import Preemption, as_preemption, final_save_and_exit
 from .recoverables import Adapter, link_optimizers, make_adapter
 from .restoring import Restorer
 from .retention import RetentionPolicy, as_policy
@@ -94,7 +95,9 @@ class Checkpointer:
     tensors, dicts, JSON values). ``mode``: ``"sharded"`` (every rank writes its shards) or
     ``"chief"`` (rank 0 writes the full state). ``keep``: a ``Keep`` or ``RetentionPolicy``.
     ``async_save``: return from ``save()`` once tensors are staged; ``max_in_flight`` saves
-    may be pending. Constructing it is a collective: every rank must do it, in the same order.
+    may be pending. ``preemption``: ``True`` or a ``Preemption`` installs SIGTERM/SIGUSR1
+    handlers (from the main thread) for ``should_stop``/``save_and_exit``.
+    Constructing it is a collective: every rank must do it, in the same order.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Checkpointer:
         max_in_flight: int = 1,
         write_threads: int = 4,
         stager: Stager | None = None,
+        preemption: bool | Preemption | None = None,
     ) -> None:
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
@@ -137,6 +141,9 @@ class Checkpointer:
         self._restorer = Restorer(self._ctx, self._storage, self._catalog, self._engine)
         if async_save:
             atexit.register(_flush_at_exit, weakref.ref(self))
+        self._preemption = as_preemption(preemption)
+        if self._preemption is not None:
+            self._preemption.install()
 
     # --- recoverables ---------------------------------------------------------------
 
@@ -421,6 +428,37 @@ class Checkpointer:
         if not self._ctx.is_chief:
             return []
         return self._catalog.apply_retention(as_policy(keep) if keep is not None else self._policy)
+
+    # --- preemption (see preemption.py for the whole sequence) ------------------------
+
+    @property
+    def preemption(self) -> Preemption | None:
+        """The installed ``Preemption`` (its ``requested``, ``count``, ``signal_time``), or ``None``."""
+        return self._preemption
+
+    def should_stop(self, step: int) -> bool:
+        """(all ranks, every step, same order as other collectives) ``True`` on every rank at
+        the same step once any rank got a preemption signal; then ``save_and_exit(step)``.
+
+        Every ``check_every`` steps it costs one 4-byte all-reduce on a private gloo group
+        (none with one rank). Always ``False`` when the Checkpointer has no ``preemption=``.
+        """
+        if self._preemption is None:
+            return False
+        return self._preemption.vote(self._ctx, _check_step(step))
+
+    def save_and_exit(self, step: int, meta: Mapping[str, Any] | None = None) -> NoReturn:
+        """(all ranks, once ``should_stop(step)`` is True) the final save, then exit for a restart.
+
+        Waits for an in-flight async save, saves ``step`` and waits for its commit (unless it
+        is already committed), closes, then under SLURM the chief runs ``scontrol requeue``;
+        every rank raises ``SystemExit(exit_code)`` (75): torchrun restarts the workers while
+        ``--max-restarts`` allows. ``restore()`` then resumes every rank from this step. A
+        failed final save is logged, not raised. Without ``preemption=`` the defaults apply.
+        """
+        self._check_open()
+        pre = self._preemption or Preemption()
+        final_save_and_exit(self, self._ctx, self._catalog.is_committed, pre, _check_step(step), meta)
 
 
 def _flush_at_exit(ref: weakref.ReferenceType) -> None:
