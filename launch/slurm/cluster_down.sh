@@ -3,6 +3,7 @@
 # stops slurmd, slurmctld and munged by their PID files (never by name). Idempotent.
 set -uo pipefail
 
+mkdir -p /run/lock
 exec 9>/run/lock/distckpt-slurm.lock
 flock -w 300 9
 

@@ -19,6 +19,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+mkdir -p /run/lock
 exec 9>/run/lock/distckpt-slurm.lock
 flock -w 300 9
 
@@ -48,7 +49,7 @@ chmod 0400 /etc/munge/munge.key
 if [ -s /run/munge/munged.pid ] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
   echo "munged already running"
 else
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid 9>&-
 fi
 for _ in $(seq 50); do munge -n </dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 munge -n </dev/null | unmunge >/dev/null
@@ -104,8 +105,8 @@ echo "CgroupAutomount=no" >/etc/slurm/cgroup.conf
 
 # ---- daemons (they daemonise; pids in /run/slurm) ----
 rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
-/usr/sbin/slurmctld -c   # -c: clean job and node state
-/usr/sbin/slurmd
+/usr/sbin/slurmctld -c 9>&- # -c: clean job and node state; 9>&-: the daemons must not hold our lock
+/usr/sbin/slurmd 9>&-
 
 st=""
 for _ in $(seq 300); do
