@@ -36,8 +36,10 @@ SIGNAL_TO_COMMIT = re.compile(r"\[rank 0\] preemption: .*; ([0-9.]+)s from the s
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment for a job: this interpreter, no leaked rank variables."""
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    """The environment for a job: this interpreter, no leaked rank or SLURM variables (a
+    test run inside a SLURM job must not make its jobs requeue that job)."""
+    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    out = {k: v for k, v in os.environ.items() if k not in leaked and not k.startswith("SLURM_")}
     out.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
     return out
 

@@ -59,6 +59,8 @@ def slurm_cluster():
     """
     me = os.path.join(USERS, str(os.getpid()))
     with _users_locked():
+        for pid in {int(n) for n in os.listdir(USERS) if n.isdigit()} - set(_live_users()):
+            os.remove(os.path.join(USERS, str(pid)))  # left by a test process that died
         if not _slurmctld_running():
             _script("cluster_up.sh", 600)
             open(OWNED, "w").close()
