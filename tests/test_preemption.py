@@ -297,7 +297,6 @@ def test_torchrun_signals_stop_every_rank_save_and_restart_bit_exact(tmp_path, r
     stops = jobs.STOP.findall(text)
     steps = sorted({int(step) for _, step in stops})
     assert len(steps) == 2 and len(stops) == 4, text[-4000:]  # both ranks, twice, same step each time
-    assert all(s % 10 for s in steps)  # the stop steps are final saves, not periodic ones
     assert [int(s) for s in jobs.RESUMED.findall(text)] == steps
     assert text.count("failed (exitcode: 75)") >= 2  # how torchrun saw the preempted workers
     assert "forwarding SIGUSR1 to the workers" in text
