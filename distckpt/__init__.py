@@ -6,6 +6,8 @@ Every rank calls the same API::
                                  mode="sharded", keep=distckpt.Keep(last=3))
     ckpt.restore()                 # newest committed step, agreed by all ranks (None if none)
     ckpt.save(step, meta={"val_loss": 0.41})
+    if ckpt.should_stop(step):     # with preemption=True: SIGTERM/SIGUSR1 on any rank
+        ckpt.save_and_exit(step)   # final save, SLURM requeue or torchrun restart
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +28,7 @@ from .errors import (
 )
 from .helpers import ResumableSampler, RNGState
 from .info import CheckpointInfo, SaveStats
+from .preemption import Preemption
 from .recoverables import register_hooks
 from .retention import Keep, RetentionPolicy
 
@@ -39,6 +42,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "Keep",
     "NoCheckpointError",
+    "Preemption",
     "RNGState",
     "ResumableSampler",
     "RetentionPolicy",

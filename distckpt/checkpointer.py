@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from .dist import RankContext
 from .engine import make_engine
@@ -31,6 +31,7 @@ from .errors import DistckptError
 from .info import CheckpointInfo
 from .lease import Lease
 from .log import log
+from .preemption import Preemption, as_preemption, final_save_and_exit
 from .recoverables import Adapter, link_optimizers, make_adapter
 from .restoring import Restorer
 from .retention import RetentionPolicy, as_policy
@@ -63,6 +64,8 @@ class Checkpointer:
         staging_budget: bytes of staging memory allowed; a bigger state is written
             tensor by tensor (``save()`` then blocks until written).
         read_only: restore and list only; takes no lease, cleans nothing, cannot save.
+        preemption: ``True`` or a ``Preemption``: SIGTERM/SIGUSR1 handlers (installed from
+            the main thread) for ``should_stop``/``save_and_exit``.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Checkpointer:
         stager: str | Stager = "auto",
         staging_budget: int | None = None,
         read_only: bool = False,
+        preemption: bool | Preemption | None = None,
     ) -> None:
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
@@ -136,6 +140,9 @@ class Checkpointer:
         self._restorer = Restorer(self._ctx, tiers, self._engine)
         if async_save or local_dir:
             atexit.register(_flush_at_exit, weakref.ref(self))
+        self._preemption = as_preemption(preemption)
+        if self._preemption is not None:
+            self._preemption.install()
 
     # --- recoverables ---------------------------------------------------------------
 
@@ -254,6 +261,9 @@ class Checkpointer:
         self._lease.acquire()  # one writing job per root; refuses a second one clearly
         self._remote.catalog.clean_leftovers()  # safe: no other job writes here
         return uuid.uuid4().hex[:12]
+
+    def _is_committed(self, step: int) -> bool:
+        return any(t.catalog.is_committed(step) for t in (self._local, self._remote) if t is not None)
 
     def _check_lease(self) -> None:
         if self._lease is not None:
@@ -379,6 +389,37 @@ class Checkpointer:
         if not self._ctx.is_chief:
             return []
         return self._remote.catalog.apply_retention(as_policy(keep) if keep is not None else self._policy)
+
+    # --- preemption (see preemption.py for the whole sequence) ------------------------
+
+    @property
+    def preemption(self) -> Preemption | None:
+        """The installed ``Preemption`` (its ``requested``, ``count``, ``signal_time``), or ``None``."""
+        return self._preemption
+
+    def should_stop(self, step: int) -> bool:
+        """(all ranks, every step, same order as other collectives) ``True`` on every rank at
+        the same step once any rank got a preemption signal; then ``save_and_exit(step)``.
+
+        Every ``check_every`` steps it costs one 4-byte all-reduce on a private gloo group
+        (none with one rank). Always ``False`` when the Checkpointer has no ``preemption=``.
+        """
+        if self._preemption is None:
+            return False
+        return self._preemption.vote(self._ctx, check_step(step))
+
+    def save_and_exit(self, step: int, meta: Mapping[str, Any] | None = None) -> NoReturn:
+        """(all ranks, once ``should_stop(step)`` is True) the final save, then exit for a restart.
+
+        Waits for an in-flight async save, saves ``step`` and waits for its commit (unless it
+        is already committed), closes, then under SLURM the chief runs ``scontrol requeue``;
+        every rank raises ``SystemExit(exit_code)`` (75): torchrun restarts the workers while
+        ``--max-restarts`` allows. ``restore()`` then resumes every rank from this step. A
+        failed final save is logged, not raised. Without ``preemption=`` the defaults apply.
+        """
+        self._check_open()
+        pre = self._preemption or Preemption()
+        final_save_and_exit(self, self._ctx, self._is_committed, pre, check_step(step), meta)
 
 
 def _flush_at_exit(ref: weakref.ReferenceType) -> None:

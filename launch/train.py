@@ -1,31 +1,50 @@
 """A small, real, deterministic training job that checkpoints with distckpt.
 
     torchrun --nproc-per-node 2 launch/train.py --ckpt-dir DIR --steps N --save-every K
+    sbatch launch/slurm/train.sbatch --ckpt-dir DIR --steps N --save-every K
 
 A DDP-wrapped MLP with dropout learns a fixed random "teacher" on synthetic data, fed by
 a shuffling ``ResumableSampler``. It resumes from DIR automatically: model, optimizer,
-scheduler, sampler position and every rank's RNGs, so an interrupted-and-resumed run ends
-bit-identical to an uninterrupted one. The last line it prints (rank 0) is
+scheduler, AMP grad scaler (``--amp``), sampler position and every rank's RNGs, so an
+interrupted-and-resumed run ends bit-identical to an uninterrupted one.
 
+Preemption (on by default): SIGTERM or SIGUSR1 on any rank makes every rank stop at the
+same step, save it, and exit for a restart (SLURM: the job requeues itself; torchrun:
+exit code 75, restarted while ``--max-restarts`` allows). The last lines it prints (rank 0) are
+
+    state sha256=<hex> (...)  optimizer, scheduler, scaler, sampler and every rank's RNGs
     final step=<N> params_sha256=<hex>
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import logging
-import os
-import time
+import signal
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
+# A job can be signalled while it is still importing torch (seconds, on a busy node). The
+# default action would kill it; remember such signals instead and hand them to distckpt
+# once its handlers are installed (main(), below).
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-import distckpt
+import argparse  # noqa: E402 - after the early handlers on purpose
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import distckpt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to idle per step (demo pacing)")
+    p.add_argument("--amp", action="store_true", help="float16 autocast with a dynamic GradScaler")
+    p.add_argument(
+        "--preemption",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SIGTERM/SIGUSR1: agreed stop, final save, requeue (SLURM) or restart (torchrun)",
+    )
+    p.add_argument("--check-every", type=int, default=1, help="steps between preemption votes")
     return p.parse_args(argv)
 
 
@@ -64,6 +91,12 @@ def make_model(hidden: int, features: int = 32, classes: int = 10) -> nn.Module:
     )
 
 
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random scale (Python's RNG) and noise (NumPy's): a resume must restore both."""
+    noise = torch.from_numpy(np.random.normal(0.0, 0.01, size=tuple(x.shape))).to(x.dtype)
+    return x * random.uniform(0.95, 1.05) + noise
+
+
 def params_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -72,44 +105,113 @@ def params_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _digest(obj: Any, h: Any) -> None:
+    """Feed a nested state (dicts, sequences, tensors, arrays, scalars) into a hash."""
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for item in obj:
+            _digest(item, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"{obj.dtype}{obj.shape}".encode() + obj.tobytes())
+    else:
+        h.update(repr(obj).encode())
+
+
+def state_sha256(optim: Any, sched: Any, scaler: Any, sampler: Any) -> tuple[str, str]:
+    """(all ranks) a digest of everything but the parameters that a bit-exact resume must
+    carry, and one of each part (to tell which one differs)."""
+    rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    every_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, rngs)
+    parts = {
+        "optim": optim.state_dict(),
+        "sched": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "sampler": sampler.state_dict(),
+        **{f"rng{r}": d for r, d in enumerate(every_rank)},  # python, numpy, torch
+    }
+    whole, short = hashlib.sha256(), []
+    for name, part in parts.items():
+        h = hashlib.sha256()
+        _digest(part, h)
+        whole.update(h.digest())
+        short.append(f"{name}={h.hexdigest()[:8]}")
+    return whole.hexdigest(), " ".join(short)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    preemption = None
+    if args.preemption:  # as early as possible: a signal from now on stops the job cleanly
+        preemption = distckpt.Preemption(check_every=args.check_every).install()
+        for signum in _EARLY_SIGNALS:
+            preemption.request(signum)
+    else:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        if _EARLY_SIGNALS:
+            raise SystemExit(128 + _EARLY_SIGNALS[0])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(1000 + rank)  # per-rank randomness (dropout), carried by RNGState
 
     data = make_data()
     sampler = distckpt.ResumableSampler(data, shuffle=True, seed=0, drop_last=True)
     # A DataLoader draws a seed for every new iterator from the global RNG unless given its
     # own generator; a resumed run creates its iterator at another point of the RNG stream.
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, generator=torch.Generator())
-    model = DDP(make_model(args.hidden))
+    model = DDP(make_model(args.hidden))  # make_model seeds: identical initial weights
+    for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+        seed_fn(1000 + rank)  # per-rank randomness (dropout, augmentation), carried by RNGState
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(args.steps, 1))
+    # A short growth interval makes the scale move (and float16 overflow skip steps) within
+    # a few dozen steps, so a resume that lost the scaler's state would show.
+    scaler = torch.amp.GradScaler("cpu", enabled=args.amp, growth_interval=5)
 
     ckpt = distckpt.Checkpointer(
         args.ckpt_dir,
-        {"model": model, "optim": optim, "sched": sched, "sampler": sampler, "rng": distckpt.RNGState()},
+        {
+            "model": model,
+            "optim": optim,
+            "sched": sched,
+            "scaler": scaler,
+            "sampler": sampler,
+            "rng": distckpt.RNGState(),
+        },
         mode=args.mode,
         async_save=args.async_save,
         keep=distckpt.Keep(last=args.keep_last),
         storage_options=json.loads(args.storage_options),
+        preemption=preemption,
     )
     info = ckpt.restore()
     step = info.step if info else 0
     if rank == 0:
         print(f"resumed from step {step}" if info else "starting fresh", flush=True)
+    if ckpt.should_stop(step):  # signalled while starting up
+        ckpt.save_and_exit(step)
 
     loss_fn = nn.CrossEntropyLoss()
     epoch = sampler.epoch
     while step < args.steps:
         sampler.set_epoch(epoch)
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            x = augment(x)
+            with torch.autocast("cpu", dtype=torch.float16, enabled=args.amp):
+                loss = loss_fn(model(x), y)
             optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
+            scaler.scale(loss).backward()
+            scaler.step(optim)
+            scaler.update()
             sched.step()
             step += 1
             if args.step_sleep:
@@ -120,9 +222,15 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"step {step} loss {loss.item():.4f} saved", flush=True)
             if step >= args.steps:
                 break
+            # after the step and its periodic save: the loader has not yet drawn the next
+            # batch, so the sampler's position is exactly "after this step"
+            if ckpt.should_stop(step):
+                ckpt.save_and_exit(step, meta={"loss": loss.item(), "epoch": epoch, "preempted": True})
         epoch += 1
     ckpt.close()
+    digest, parts = state_sha256(optim, sched, scaler, sampler)
     if rank == 0:
+        print(f"state sha256={digest} ({parts})", flush=True)
         print(f"final step={step} params_sha256={params_sha256(model.module)}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
