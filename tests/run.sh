@@ -3,17 +3,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-# The SLURM tests run a real single-node cluster (tests/test_slurm.py starts it with
-# launch/slurm/cluster_up.sh); install its Debian packages up front on a fresh machine.
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+# Real components the tests start themselves: a single-node SLURM cluster (tests/test_slurm.py,
+# via launch/slurm/cluster_up.sh) and an sshd + two sshfs clients of one directory
+# (tests/test_sharedfs.py). Install their Debian packages up front on a fresh machine.
+missing=()
+command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
+command -v munged >/dev/null || missing+=(munge)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v sshfs >/dev/null || missing+=(sshfs)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing slurm-wlm and munge (apt-get)"
+    echo "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq slurm-wlm munge </dev/null >/dev/null
+    apt-get install -y -qq "${missing[@]}" </dev/null >/dev/null
   else
-    echo "warning: slurm-wlm/munge are missing and cannot be installed here (needs root and apt-get);" \
-      "tests/test_slurm.py will fail until they are" >&2
+    echo "warning: ${missing[*]} missing and cannot be installed here (needs root and apt-get);" \
+      "the SLURM and shared-filesystem tests will fail until they are" >&2
   fi
 fi
 # shellcheck disable=SC1091
