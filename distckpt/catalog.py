@@ -106,11 +106,14 @@ class Catalog:
                 log.warning("skipping step %d: %s", step, e)
         return out
 
-    def leftovers(self, active: Iterable[str] = ()) -> list[str]:
-        """Paths of uncommitted work (interrupted saves, half-finished deletes), except ``active``."""
-        busy = set(active)
+    def leftovers(self, active: Callable[[], Iterable[str]] = tuple) -> list[str]:
+        """Paths of uncommitted work (interrupted saves, half-finished deletes), except the
+        work directories ``active()`` names. It is asked *after* listing: a save registers its
+        directory before creating it, so anything listed and still in flight is named."""
+        names = self._names()
+        busy = set(active())
         out = []
-        for name in self._names():
+        for name in names:
             path = self.storage.join(self.root, name)
             if path in busy:
                 continue
@@ -119,7 +122,7 @@ class Catalog:
                 out.append(path)
         return out
 
-    def clean_leftovers(self, active: Iterable[str] = ()) -> None:
+    def clean_leftovers(self, active: Callable[[], Iterable[str]] = tuple) -> None:
         for path in self.leftovers(active):
             try:
                 self.storage.rmtree(path)

@@ -227,11 +227,13 @@ class Saver:
                 self.uploader.prune_local()  # remote retention follows each remote commit
             else:
                 self.tier.catalog.apply_retention(self.policy)
-            with self._lock:
-                active = set(self.active)
-            self.tier.catalog.clean_leftovers(active)
+            self.tier.catalog.clean_leftovers(self._active_now)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
+
+    def _active_now(self) -> set[str]:
+        with self._lock:
+            return set(self.active)
 
     def settle(self) -> None:
         """Let the retention that follows the last commit finish (it never raises)."""

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -171,3 +172,26 @@ def test_host_memory_stays_flat_across_many_saves(root):
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     growth = rss["50"] - rss["3"]
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB between the 3rd and the 50th save"
+
+
+def test_retention_running_beside_a_save_never_removes_its_work(root):
+    # the janitor of one save's retention runs while the next save writes: it must not
+    # take the in-flight work directory for an interrupted save's leftovers
+    state = {f"t{i}": torch.randn(256, 1024) for i in range(8)}
+    with Checkpointer(root, {"s": state}, async_save=True, keep=distckpt.Keep(last=1), write_threads=1) as ckpt:
+        stop = threading.Event()
+
+        def janitor():
+            while not stop.is_set():
+                ckpt._saver._retain()
+
+        thread = threading.Thread(target=janitor)
+        thread.start()
+        try:
+            for step in range(1, 8):
+                ckpt.save(step)
+            ckpt.wait()
+        finally:
+            stop.set()
+            thread.join()
+        assert [c.step for c in ckpt.list()] == [7]
