@@ -41,6 +41,7 @@ class CheckpointError(DistckptError):
     """
 
     def __init__(self, message: str, errors: dict[int, BaseException] | None = None):
+        self.message = message
         self.errors: dict[int, BaseException] = dict(errors or {})
         detail = "; ".join(f"rank {r}: {_one_line(e)}" for r, e in sorted(self.errors.items()))
         super().__init__(f"{message} ({detail})" if detail else message)

@@ -28,7 +28,7 @@ import torch
 from .dcp_io import DCP_METADATA
 from .dist import RankContext
 from .engine import Engine
-from .errors import CheckpointError, DistckptError
+from .errors import CheckpointError, CommitError, DistckptError
 from .info import CheckpointInfo, SaveStats
 from .lease import Lease
 from .log import log
@@ -118,9 +118,10 @@ class Saver:
                     f"committing step {job.step} on every node",
                     on="bg",
                 )
-        except CheckpointError:
+        except CheckpointError as e:
             if ctx.is_chief or (self.nodes.leader and not tier.shared):
                 tier.commit.abort(workdir)
+            self._raise_if_fenced(e)
             raise
         finally:
             self.stager.release(job.staged)
@@ -134,6 +135,19 @@ class Saver:
         if ctx.is_chief or (self.nodes.leader and not tier.shared):
             self._janitor_job = self._janitor.submit(self._retain)
         return info
+
+    def _raise_if_fenced(self, err: CheckpointError) -> None:
+        """(chief) A failed save in a root another job has taken over fails for that reason:
+        the new holder removes this job's unfinished work, so say so rather than report the
+        missing files."""
+        if self.lease is None or any(isinstance(e, CommitError) for e in err.errors.values()):
+            return
+        try:
+            self.lease.check()
+        except CommitError as fenced:
+            raise CheckpointError(err.message, {self.ctx.rank: fenced}) from err
+        except OSError:
+            pass
 
     def _prepare(self, job: SaveJob, workdir: str) -> None:
         if job.error is not None:
