@@ -1,0 +1,518 @@
+"""Read-only views of a checkpoint root: what ``distckpt ls``, ``inspect`` and ``verify`` show.
+
+``distckpt.open(url)`` returns a ``CheckpointReader``. Nothing here is a collective, takes the
+root's lease or deletes anything, so a reader may be opened from a laptop while the training
+job writes to the same root. ``inspect`` reads ``manifest.json``, ``state.json`` and DCP's
+``.metadata`` (through the restricted unpickler), never tensor data; ``verify`` streams every
+file through the checksum; ``read_tensors`` loads chosen tensors through DCP, a bounded batch
+at a time (``distckpt export`` and ``distckpt.transfer`` build on it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from .catalog import Catalog
+from .commit import TMP_PREFIX, commit_for
+from .dcp_io import DCP_METADATA, SafeLoadPlanner, load_dcp_metadata
+from .engine import _unwrap_dcp_errors
+from .errors import CorruptCheckpointError, DistckptError, NoCheckpointError
+from .info import CheckpointInfo
+from .lease import LOCK
+from .manifest import MANIFEST, Checksum, Manifest, checksum_bytes, parse_step_dirname
+from .storage import Storage, open_storage
+from .tree import TENSOR, dtype_from_name, join
+
+_CHUNK = 8 << 20
+# A lease refreshed within this many seconds means a job is (probably) writing to the root;
+# the same figure as ``Lease(stale_after=...)``'s default.
+LEASE_LIVE_S = 600.0
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Uncommitted work under a root: never listed as a step, never restored."""
+
+    path: str
+    name: str
+    kind: str  # "interrupted save", "interrupted delete" or "step without manifest"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor: where it sits in the global tensor and who wrote it."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    recoverable: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    chunks: tuple[Chunk, ...] = ()
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({c.rank for c in self.chunks})
+
+    def sharding(self) -> str:
+        """``r0[0:10,:] r1[10:20,:]``; ``r0 whole`` for a tensor stored in one piece."""
+        parts = []
+        for c in sorted(self.chunks, key=lambda c: c.offsets):
+            if all(o == 0 and s == d for o, s, d in zip(c.offsets, c.sizes, self.shape, strict=False)):
+                parts.append(f"r{c.rank} whole")
+                continue
+            dims = [
+                ":" if o == 0 and s == d else f"{o}:{o + s}"
+                for o, s, d in zip(c.offsets, c.sizes, self.shape, strict=False)
+            ]
+            parts.append(f"r{c.rank}[{','.join(dims)}]")
+        return " ".join(parts) if parts else "-"
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    """A non-tensor value kept in ``state.json`` (JSON-safe ``value``)."""
+
+    name: str
+    type: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class StepContents:
+    """What one committed step holds, from its metadata alone."""
+
+    info: CheckpointInfo
+    tensors: list[TensorEntry]
+    objects: list[ObjectEntry]
+    recoverables: dict[str, int]  # name -> bytes of its tensors
+    files: dict[str, dict[str, Any]]  # name -> {"size", "checksum", "rank"}
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "step": self.info.step,
+            "url": self.info.url,
+            "time": self.info.time,
+            "world_size": self.info.world_size,
+            "mode": self.info.mode,
+            "meta": self.info.meta,
+            "nbytes": self.info.nbytes,
+            "versions": self.versions,
+            "recoverables": self.recoverables,
+            "tensors": [
+                {**asdict(t), "shape": list(t.shape), "ranks": t.ranks, "chunks": [asdict(c) for c in t.chunks]}
+                for t in self.tensors
+            ],
+            "objects": [asdict(o) for o in self.objects],
+            "files": self.files,
+        }
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    step: int
+    name: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"step {self.step}: {self.name}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of checking one step's files against its manifest."""
+
+    step: int
+    files: int
+    nbytes: int
+    problems: list[FileProblem]
+    unlisted: list[str] = field(default_factory=list)  # present but not in the manifest (harmless)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+class CheckpointReader:
+    """Read-only access to a checkpoint root (or to one step, given the step's URL).
+
+    ``list()`` committed steps, oldest first; ``leftovers()`` uncommitted work; ``inspect()``
+    a step's tensors, sharding and objects; ``verify()`` sizes and checksums;
+    ``read_tensors()`` tensor data in bounded batches. ``step=None`` means the step named in
+    the URL, else the newest committed one.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
+        self.storage: Storage = open_storage(url, self.storage_options)
+        self.pinned: int | None = None
+        names = self._names()
+        if MANIFEST in names or DCP_METADATA in names:
+            self._open_step_url(url, names)
+            names = self._names()
+        self.catalog = Catalog(self.storage, commit_for(self.storage))
+        if not names and not self.storage.exists(self.root):
+            raise NoCheckpointError(
+                f"{self.url} does not exist; check the path or URL (and --storage-options / credentials "
+                "for object stores)"
+            )
+
+    # --- where ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    @property
+    def root(self) -> str:
+        return self.storage.root  # type: ignore[attr-defined]
+
+    def _names(self) -> list[str]:
+        try:
+            return self.storage.listdir(self.root)
+        except NotADirectoryError as e:
+            raise DistckptError(
+                f"{self.url} is a file, not a checkpoint directory; point at the directory that holds "
+                "the step_* folders"
+            ) from e
+
+    def _open_step_url(self, url: str, names: list[str]) -> None:
+        """A URL naming one step (``.../step_000000001200``) opens its root, pinned to that step."""
+        base = url.rstrip("/").rsplit("/", 1)
+        step = parse_step_dirname(base[-1]) if len(base) == 2 else None
+        if MANIFEST not in names or step is None:
+            raise DistckptError(
+                f"{self.url} is a plain torch.distributed.checkpoint folder (or a renamed step), not a "
+                "distckpt checkpoint; load it with torch.distributed.checkpoint.load"
+            )
+        self.storage = open_storage(base[0] or "/", self.storage_options)
+        self.pinned = step
+
+    def step_url(self, step: int) -> str:
+        return self.catalog.step_url(step)
+
+    # --- listing ----------------------------------------------------------------------
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first (a step with a damaged manifest is skipped)."""
+        return self.catalog.list()
+
+    def leftovers(self) -> list[Leftover]:
+        """Uncommitted work: interrupted saves and deletes, step directories without a manifest."""
+        out = []
+        for path in self.catalog.leftovers():
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(TMP_PREFIX):
+                kind = "interrupted save"
+            elif parse_step_dirname(name) is not None:
+                kind = "step without manifest"
+            else:
+                kind = "interrupted delete"
+            out.append(Leftover(path, name, kind))
+        return out
+
+    def lease(self) -> dict[str, Any] | None:
+        """The root's lease (which job writes here), with ``age_s`` and ``live``; None if free."""
+        path = self.storage.join(self.root, LOCK)
+        try:
+            doc = json.loads(self.storage.read_bytes(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"job": "unknown (unreadable lease)", "age_s": 0.0, "live": True}
+        if not isinstance(doc, dict):
+            return {"job": "unknown (unreadable lease)", "age_s": 0.0, "live": True}
+        age = max(0.0, time.time() - float(doc.get("refreshed", 0) or 0))
+        return {**doc, "age_s": age, "live": age < LEASE_LIVE_S and not _dead_here(doc)}
+
+    def resolve(self, step: int | None = None) -> int:
+        """The step meant by ``step``: as given (must be committed), pinned, or the newest."""
+        committed = self.catalog.committed_steps()
+        if step is None:
+            step = self.pinned
+        if step is None:
+            if not committed:
+                raise NoCheckpointError(
+                    f"no committed checkpoint in {self.url}; see `distckpt ls {self.url}` "
+                    "(a garbage or empty directory, or the job has not saved yet)"
+                )
+            return committed[-1]
+        if step not in committed:
+            have = ", ".join(map(str, committed[-10:])) or "none"
+            raise NoCheckpointError(
+                f"step {step} is not a committed checkpoint in {self.url} (committed: {have}); "
+                f"pick one from `distckpt ls {self.url}`"
+            )
+        return step
+
+    def info(self, step: int | None = None) -> CheckpointInfo:
+        return self.catalog.info(self.manifest(step))
+
+    def manifest(self, step: int | None = None) -> Manifest:
+        return self.catalog.read_manifest(self.resolve(step))
+
+    def state(self, step: int | None = None) -> dict[str, Any]:
+        """``state.json`` of a step, checked against its manifest."""
+        step = self.resolve(step)
+        return self.catalog.read_state(step, self.catalog.read_manifest(step))
+
+    def dcp_metadata(self, step: int, man: Manifest) -> Metadata | None:
+        """DCP's ``.metadata``, size- and checksum-checked, through the restricted unpickler."""
+        rec = man.files.get(DCP_METADATA)
+        if rec is None:
+            return None
+        path = self.storage.join(self.catalog.step_path(step), DCP_METADATA)
+        data = self.storage.read_bytes(path)
+        if len(data) != rec.size or checksum_bytes(data) != rec.checksum:
+            raise CorruptCheckpointError(
+                f"{path} does not match its manifest (size or checksum); restore an older step"
+            )
+        return load_dcp_metadata(io.BytesIO(data), path)
+
+    # --- inspect ----------------------------------------------------------------------
+
+    def inspect(self, step: int | None = None) -> StepContents:
+        """Tensors (name, shape, dtype, bytes, which ranks' files hold which chunks), non-tensor
+        objects and bytes per recoverable. Reads metadata only; never tensor data."""
+        step = self.resolve(step)
+        man = self.catalog.read_manifest(step)
+        state = self.catalog.read_state(step, man)
+        md = self.dcp_metadata(step, man)
+        chunks = _chunks_by_fqn(md, man)
+        tensors = []
+        for fqn, spec in state.get("tensors", {}).items():
+            shape = tuple(int(d) for d in spec["shape"])
+            dtype = dtype_from_name(spec["dtype"])
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            tensors.append(
+                TensorEntry(fqn, fqn.split(".", 1)[0], shape, spec["dtype"], nbytes, tuple(chunks.get(fqn, ())))
+            )
+        objects = []
+        for name, skeleton in state.get("recoverables", {}).items():
+            objects.extend(_objects(skeleton, name))
+        for name, ranks in state.get("per_rank", {}).items():
+            objects.append(ObjectEntry(name, "per-rank state", f"one entry per rank ({len(ranks or [])} ranks)"))
+        sizes = {name: 0 for name in list(state.get("recoverables", {})) + list(state.get("per_rank", {}))}
+        for t in tensors:
+            sizes[t.recoverable] = sizes.get(t.recoverable, 0) + t.nbytes
+        files = {n: {"size": r.size, "checksum": r.checksum, "rank": r.rank} for n, r in sorted(man.files.items())}
+        return StepContents(self.catalog.info(man), tensors, objects, sizes, files, dict(man.versions))
+
+    # --- verify -----------------------------------------------------------------------
+
+    def verify(
+        self, step: int | None = None, *, progress: Callable[[int], None] | None = None, threads: int = 4
+    ) -> VerifyReport:
+        """Check every file of a step against the manifest: present, same size, same checksum.
+
+        ``progress(nbytes)`` is called (from worker threads) as bytes are checksummed. A
+        damaged manifest is reported as a problem, not raised.
+        """
+        step = self.resolve(step)
+        try:
+            man = self.catalog.read_manifest(step)
+        except CorruptCheckpointError as e:
+            return VerifyReport(step, 0, 0, [FileProblem(step, MANIFEST, str(e))])
+        stepdir = self.catalog.step_path(step)
+        names = sorted(man.files)
+
+        def check(name: str) -> str | None:
+            return self._check_file(stepdir, man, name, progress)
+
+        with ThreadPoolExecutor(max(1, min(threads, len(names) or 1))) as pool:
+            verdicts = list(pool.map(check, names))
+        problems = [FileProblem(step, n, v) for n, v in zip(names, verdicts, strict=True) if v is not None]
+        present = set(self.storage.listdir(stepdir))
+        unlisted = sorted(present - set(names) - {MANIFEST})
+        return VerifyReport(step, len(names), man.nbytes, problems, unlisted)
+
+    def _check_file(self, stepdir: str, man: Manifest, name: str, progress: Callable[[int], None] | None) -> str | None:
+        rec = man.files[name]
+        path = self.storage.join(stepdir, name)
+        try:
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            return "missing"
+        if size != rec.size:
+            return f"{size} bytes, the manifest says {rec.size} (truncated or overwritten)"
+        digest = Checksum()
+        with self.storage.open_read(path) as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        if digest.size != rec.size:
+            return f"read {digest.size} bytes, the manifest says {rec.size}"
+        if digest.hexdigest() != rec.checksum:
+            return f"checksum mismatch ({Checksum.name} {digest.hexdigest()}, manifest {rec.checksum}): the file is corrupt"
+        return None
+
+    # --- tensor data ------------------------------------------------------------------
+
+    def read_tensors(
+        self, names: Iterable[str], step: int | None = None, *, batch_bytes: int = 1 << 30
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield ``{fqn: cpu tensor}`` batches of about ``batch_bytes`` each, in ``names`` order.
+
+        Each batch is read by DCP straight into freshly allocated CPU tensors (resharding
+        whatever the ranks wrote into whole tensors); only one batch is alive at a time unless
+        the caller keeps them. No process group is used.
+        """
+        step = self.resolve(step)
+        man = self.catalog.read_manifest(step)
+        state = self.catalog.read_state(step, man)
+        table = state.get("tensors", {})
+        stepdir = self.catalog.step_path(step)
+        contiguous = state.get("layout") == "contiguous"
+        for batch in _batches(list(names), table, batch_bytes):
+            dest = {n: torch.empty(table[n]["shape"], dtype=dtype_from_name(table[n]["dtype"])) for n in batch}
+            with _unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
+                dcp.load(
+                    dest,
+                    storage_reader=self.storage.dcp_reader(stepdir, contiguous),
+                    planner=SafeLoadPlanner(),
+                    no_dist=True,
+                )
+            yield dest
+
+    def tensor_table(self, step: int | None = None) -> dict[str, dict[str, Any]]:
+        """``{fqn: {"shape", "dtype"}}`` of every tensor in a step, in saved order."""
+        return dict(self.state(step).get("tensors", {}))
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.url!r})"
+
+
+def open(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointReader:  # noqa: A001
+    """Open a checkpoint root (or one step's URL) for reading: no process group, no lease,
+    no clean-up. ``distckpt.open("s3://b/run7").list()`` is what ``distckpt ls`` shows."""
+    return CheckpointReader(url, storage_options)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _batches(names: list[str], table: dict[str, Any], batch_bytes: int) -> Iterator[list[str]]:
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DistckptError(f"the checkpoint holds no tensor {missing[0]!r}; see `distckpt inspect`")
+    batch: list[str] = []
+    size = 0
+    for n in names:
+        spec = table[n]
+        nbytes = math.prod(spec["shape"]) * _itemsize(dtype_from_name(spec["dtype"]))
+        if batch and size + nbytes > batch_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(n)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _chunks_by_fqn(md: Metadata | None, man: Manifest) -> dict[str, list[Chunk]]:
+    """Each tensor's stored chunks, with the file that holds it and the rank that wrote that file."""
+    if md is None:
+        return {}
+    files: dict[tuple[str, tuple[int, ...]], str] = {}
+    for index, info in md.storage_data.items():
+        files[(index.fqn, tuple(index.offset or ()))] = str(info.relative_path)
+    out: dict[str, list[Chunk]] = {}
+    for fqn, item in md.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        for c in item.chunks:
+            key = (fqn, tuple(c.offsets))
+            name = files.get(key, "?")
+            rec = man.files.get(name)
+            out.setdefault(fqn, []).append(
+                Chunk(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes), name, rec.rank if rec else -1)
+            )
+    return out
+
+
+_TAGGED = ("__tuple__", "__dict__", "__bytes__", "__np__", "__dtype__", "__inline__")
+
+
+def _objects(node: Any, path: str) -> list[ObjectEntry]:
+    """Non-tensor leaves of a state.json skeleton, decoded (never unpickled: it is JSON).
+
+    Containers are walked down to scalars, so ``optim.param_groups.0.lr`` is one entry; a
+    list or tuple of scalars stays one entry.
+    """
+    if isinstance(node, dict) and TENSOR in node and len(node) <= 2:
+        return []
+    items: Any = None
+    if isinstance(node, dict) and node and not any(tag in node for tag in _TAGGED):
+        return [o for k, v in node.items() for o in _objects(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        items = node
+    elif isinstance(node, dict) and "__tuple__" in node:
+        items = node["__tuple__"]
+    if items and not all(v is None or isinstance(v, (str, int, float, bool)) for v in items):
+        return [o for i, v in enumerate(items) for o in _objects(v, f"{path}.{i}")]
+    value = join(node, {})
+    return [ObjectEntry(path, _type_name(node, value), _jsonable(value))]
+
+
+def _type_name(node: Any, value: Any) -> str:
+    if isinstance(node, dict) and "__inline__" in node:
+        return f"tensor {node.get('dtype')} {list(node.get('shape', []))} (inline)"
+    return type(value).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (str, int, float, bool)) for v in value):
+        return list(value)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        try:
+            json.dumps(value)
+            return value
+        except TypeError:
+            pass
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _dead_here(doc: dict[str, Any]) -> bool:
+    """The lease names a process on this host that no longer exists."""
+    if doc.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(doc.get("pid")), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return True
+    except PermissionError:
+        return False
+    return False
