@@ -307,8 +307,9 @@ def _compare(
     label: str, own: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], mapping: Mapping[str, str], only: str
 ) -> TransferReport:
     loaded, mismatched, cast = [], {}, []
-    for name, src in mapping.items():
-        if name not in own:
+    for name in own:  # the module's order: reports read like its state_dict
+        src = mapping.get(name)
+        if src is None:
             continue
         shape, dtype = specs[src]
         if tuple(own[name].shape) != tuple(shape):
