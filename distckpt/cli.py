@@ -383,7 +383,7 @@ def export_cmd(
         )
     out.print(
         f"wrote {result.path}: {result.tensors} tensors, {human_bytes(result.nbytes)} from step {result.step} "
-        f"in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)",
+        f"in {result.seconds:.2f} s ({human_bytes(result.nbytes / max(result.seconds, 1e-9))}/s)",
         markup=False,
     )
 

@@ -43,7 +43,7 @@ from .info import CheckpointInfo
 from .lease import LOCK
 from .manifest import MANIFEST, Checksum, Manifest, checksum_bytes, parse_step_dirname
 from .storage import Storage, open_storage
-from .tree import dtype_from_name
+from .tree import dtype_from_name, tensor_refs
 
 _CHUNK = 8 << 20
 # A lease refreshed within this many seconds means a job is (probably) writing to the root;
@@ -199,7 +199,9 @@ class CheckpointReader:
         md = self.dcp_metadata(step, man)
         chunks = _chunks_by_fqn(md, man)
         tensors = []
-        for fqn, spec in state.get("tensors", {}).items():
+        table = state.get("tensors", {})
+        for fqn in _saved_order(state):
+            spec = table[fqn]
             shape = tuple(int(d) for d in spec["shape"])
             dtype = dtype_from_name(spec["dtype"])
             nbytes = math.prod(shape) * _itemsize(dtype)
@@ -295,8 +297,9 @@ class CheckpointReader:
             yield dest
 
     def tensor_table(self, step: int | None = None) -> dict[str, dict[str, Any]]:
-        """``{fqn: {"shape", "dtype"}}`` of every tensor in a step, in saved order."""
-        return dict(self.state(step).get("tensors", {}))
+        """``{fqn: {"shape", "dtype"}}`` of every tensor in a step, in the recoverables' order."""
+        state = self.state(step)
+        return {n: state["tensors"][n] for n in _saved_order(state)}
 
     def __repr__(self) -> str:
         return f"CheckpointReader({self.url!r})"
@@ -309,6 +312,14 @@ def open(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointR
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _saved_order(state: dict[str, Any]) -> list[str]:
+    """Tensor names in the recoverables' own order (a module's state_dict order), not DCP's."""
+    table = state.get("tensors", {})
+    refs = [r for skeleton in state.get("recoverables", {}).values() for r in tensor_refs(skeleton)]
+    ordered = list(dict.fromkeys(r for r in refs if r in table))
+    return ordered + [n for n in table if n not in set(ordered)]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
