@@ -64,8 +64,11 @@ def _command(fn: F) -> F:
         _quiet_logging()
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
             if os.environ.get("DISTCKPT_DEBUG"):
                 raise
@@ -192,7 +195,7 @@ def ls_cmd(url: Url, as_json: AsJson = False, storage_options: StorageOptions = 
     if leftovers:
         out.print(f"\nuncommitted leftovers ({len(leftovers)}; never listed or restored; `distckpt gc` removes them):")
         for x in leftovers:
-            out.print(f"  {escape(x.name)}  [{x.kind}]", markup=False)
+            out.print(f"  {x.name}  [{x.kind}]", markup=False)
 
 
 def _require_checkpoints(reader: Any, infos: list[Any], leftovers: list[Any]) -> None:
@@ -278,7 +281,10 @@ def verify_cmd(
         reader.resolve(None)  # raises the "no committed checkpoint" error
     reports = []
     for s in steps:
-        total = reader.catalog.read_manifest(s).nbytes if reader.catalog.is_committed(s) else 0
+        try:
+            total = reader.catalog.read_manifest(s).nbytes
+        except DistckptError:
+            total = 0  # a damaged manifest: verify reports it below
         with _progress(f"step {s}", quiet or as_json) as bar:
             task = bar.add_task("verify", total=total)
             advance = functools.partial(bar.advance, task)

@@ -97,14 +97,17 @@ class CheckpointReader:
 
     def _open_step_url(self, url: str, names: list[str]) -> None:
         """A URL naming one step (``.../step_000000001200``) opens its root, pinned to that step."""
-        base = url.rstrip("/").rsplit("/", 1)
-        step = parse_step_dirname(base[-1]) if len(base) == 2 else None
-        if MANIFEST not in names or step is None:
+        if "://" in url and not url.startswith("file://"):
+            parent, _, name = url.rstrip("/").rpartition("/")
+        else:
+            parent, name = os.path.split(self.root)
+        step = parse_step_dirname(name)
+        if MANIFEST not in names or step is None or not parent:
             raise DistckptError(
                 f"{self.url} is a plain torch.distributed.checkpoint folder (or a renamed step), not a "
                 "distckpt checkpoint; load it with torch.distributed.checkpoint.load"
             )
-        self.storage = open_storage(base[0] or "/", self.storage_options)
+        self.storage = open_storage(parent, self.storage_options)
         self.pinned = step
 
     def step_url(self, step: int) -> str:
@@ -146,23 +149,23 @@ class CheckpointReader:
 
     def resolve(self, step: int | None = None) -> int:
         """The step meant by ``step``: as given (must be committed), pinned, or the newest."""
-        committed = self.catalog.committed_steps()
         if step is None:
             step = self.pinned
-        if step is None:
-            if not committed:
-                raise NoCheckpointError(
-                    f"no committed checkpoint in {self.url}; see `distckpt ls {self.url}` "
-                    "(a garbage or empty directory, or the job has not saved yet)"
-                )
-            return committed[-1]
-        if step not in committed:
-            have = ", ".join(map(str, committed[-10:])) or "none"
+        if step is not None:
+            if self.catalog.is_committed(step):
+                return step
+            have = ", ".join(map(str, self.catalog.committed_steps()[-10:])) or "none"
             raise NoCheckpointError(
                 f"step {step} is not a committed checkpoint in {self.url} (committed: {have}); "
                 f"pick one from `distckpt ls {self.url}`"
             )
-        return step
+        for candidate in reversed(self.catalog.candidate_steps()):  # newest first: one check, usually
+            if self.catalog.is_committed(candidate):
+                return candidate
+        raise NoCheckpointError(
+            f"no committed checkpoint in {self.url}; see `distckpt ls {self.url}` "
+            "(a garbage or empty directory, or the job has not saved yet)"
+        )
 
     def info(self, step: int | None = None) -> CheckpointInfo:
         return self.catalog.info(self.manifest(step))

@@ -174,16 +174,20 @@ def test_verify_passes_an_intact_root_and_names_a_flipped_byte(ckpt, tmp_path):
         assert newest.returncode == 0 and "step 3: OK" in newest.stdout
 
 
-def test_verify_json_reports_a_truncated_and_a_missing_file(local, tmp_path):
+def test_verify_json_reports_truncated_missing_files_and_a_damaged_manifest(local, tmp_path):
     url = _clone(local, tmp_path)
     stepdir = os.path.join(url, STEP)
     with open(os.path.join(stepdir, "__0_0.distcp"), "r+b") as f:
         f.truncate(10)
     os.remove(os.path.join(stepdir, "__1_1.distcp"))
-    proc = cli("verify", url, "--json")
-    assert proc.returncode == 1
-    (report,) = json.loads(proc.stdout)["steps"]
-    problems = {p["name"]: p["problem"] for p in report["problems"]}
+    open(os.path.join(url, "step_000000000001", "manifest.json"), "w").write("{not json")
+    proc = cli("verify", url, "--all", "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    reports = {r["step"]: r for r in doc["steps"]}
+    assert not doc["ok"] and reports[2]["ok"] and reports[2]["files"] > 0
+    assert [p["name"] for p in reports[1]["problems"]] == ["manifest.json"]
+    problems = {p["name"]: p["problem"] for p in reports[3]["problems"]}
     assert problems.keys() == {"__0_0.distcp", "__1_1.distcp"}
     assert "10 bytes" in problems["__0_0.distcp"] and problems["__1_1.distcp"] == "missing"
 
