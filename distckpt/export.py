@@ -16,13 +16,14 @@ and renamed into place, so a failed export never leaves a half-written model beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -44,7 +45,7 @@ DTYPES = {
 }
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, "Format")
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -65,7 +66,7 @@ for _name, _code in (
     ("uint64", "U64"),
 ):
     if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
+        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
 SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -149,40 +150,51 @@ def export(
     cast = parse_dtype(dtype)
     specs = {out: _out_spec(table[src], cast) for out, src in names.items()}
     by_source = {src: out for out, src in names.items()}
-    fmt = "safetensors" if out_path.endswith(".safetensors") else "pt"
-    if fmt == "safetensors":
-        _check_safetensors_dtypes(specs)
     meta = {"format": "pt", "distckpt.step": str(step), "distckpt.source": reader.step_url(step)}
-    tmp = f"{out_path}.tmp-{os.getpid()}"
     written = 0
+    with _atomic_file(out_path) as f:
+        writer = SafetensorsWriter(f, specs, meta) if out_path.endswith(".safetensors") else _PtWriter(f)
+        for batch in reader.read_tensors(list(names.values()), step, batch_bytes=batch_bytes):
+            for src in list(batch):
+                t = batch.pop(src)  # dropped as soon as it is written (safetensors)
+                if cast is not None and t.is_floating_point():
+                    t = t.to(cast)
+                writer.write(by_source[src], t)
+                written += t.numel() * t.element_size()
+                if progress is not None:
+                    progress(t.numel() * t.element_size())
+        writer.close()
+    return ExportResult(out_path, step, reader.step_url(step), len(names), written, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` complete (fsynced, renamed) or not at all."""
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            writer = SafetensorsWriter(f, specs, meta) if fmt == "safetensors" else None
-            kept: dict[str, torch.Tensor] = {}
-            for batch in reader.read_tensors(list(names.values()), step, batch_bytes=batch_bytes):
-                for src in list(batch):
-                    t = batch.pop(src)  # drop each tensor as soon as it is written
-                    if cast is not None and t.is_floating_point():
-                        t = t.to(cast)
-                    if writer is not None:
-                        writer.write(by_source[src], t)
-                    else:
-                        kept[by_source[src]] = t
-                    written += t.numel() * t.element_size()
-                    if progress is not None:
-                        progress(t.numel() * t.element_size())
-            if writer is not None:
-                writer.close()
-            else:
-                torch.save(kept, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
+        os.replace(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
-    return ExportResult(out_path, step, reader.step_url(step), len(names), written, time.perf_counter() - t0)
+
+
+class _PtWriter:
+    """``torch.save`` of a flat ``{name: tensor}`` dict: it needs every tensor at once."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+    def close(self) -> None:
+        torch.save(self.tensors, self.f)
+        self.tensors = {}
 
 
 def _check_destination(to: str) -> str:
@@ -207,7 +219,7 @@ def _out_spec(spec: dict[str, Any], cast: torch.dtype | None) -> tuple[tuple[int
 
 def _check_safetensors_dtypes(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     for name, (_, dtype) in specs.items():
-        if dtype not in _ST_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise DistckptError(
                 f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; export to .pt, "
                 "or pick --only / --dtype so that it is left out or cast"
@@ -227,13 +239,18 @@ class SafetensorsWriter:
     ) -> None:
         if sys.byteorder != "little":  # pragma: no cover - torch's raw bytes would be big-endian
             raise DistckptError("safetensors export needs a little-endian machine")
+        _check_safetensors_dtypes(specs)  # before any tensor is read
         self.f = f
         header: dict[str, Any] = {"__metadata__": metadata}
         self.order: list[tuple[str, int]] = []
         offset = 0
         for name, (shape, dtype) in specs.items():
             nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.order.append((name, nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

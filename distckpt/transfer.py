@@ -145,9 +145,9 @@ class _SafetensorsSource(_Source):
         self.label, self._open = path, lambda: safe_open(path, framework="pt", device="cpu")
 
     def specs(self) -> dict[str, Spec]:
-        from .export import _ST_DTYPES
+        from .export import SAFETENSORS_DTYPES
 
-        codes = {v: k for k, v in _ST_DTYPES.items()}
+        codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
         out = {}
         with self._open() as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration

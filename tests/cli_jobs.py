@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import torch
+from filelock import FileLock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distckpt import Checkpointer
 
+from harness import run_ranks
 from models import clone_state, make_training, train
 
 WIDTH = 20  # FSDP2 splits dim 0 into two shards of 10 rows
@@ -50,6 +52,28 @@ def ddp_chief_job(rank: int, world: int, url: str) -> dict | None:
     with Checkpointer(url, {"model": ddp, "optim": optim}, mode="chief") as ckpt:
         ckpt.save(5, meta={"kind": "chief"})
     return clone_state(model.state_dict()) if rank == 0 else None
+
+
+def shared_checkpoints(tmp_path_factory) -> dict:
+    """The 2-rank FSDP2 (sharded) and DDP (chief) checkpoints, written once per test run.
+
+    Under pytest-xdist every worker would otherwise write its own; the first worker to get
+    here writes them, the others wait on a lock and reuse them. Tests never modify them
+    (they clone first)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this run only
+    base = base / "shared-ckpts"
+    with FileLock(str(base) + ".lock"):
+        refs = base / "refs.pt"
+        if not refs.exists():
+            base.mkdir(exist_ok=True)
+            full = run_ranks(fsdp_job, 2, str(base / "sharded"), None, timeout=240)[0]
+            chief = run_ranks(ddp_chief_job, 2, str(base / "chief"), timeout=240)[0]
+            torch.save({"full": full, "chief_state": chief}, base / "refs.tmp")
+            os.replace(base / "refs.tmp", refs)
+        saved = torch.load(refs, weights_only=True)
+    return {"url": str(base / "sharded"), "chief": str(base / "chief"), **saved}
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

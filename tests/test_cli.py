@@ -16,7 +16,7 @@ import torch
 import distckpt
 from distckpt.manifest import checksum_bytes
 
-from cli_jobs import VAL_LOSS, WIDTH, Store, cli, ddp_chief_job, fsdp_job, one_line_error
+from cli_jobs import VAL_LOSS, WIDTH, Store, cli, fsdp_job, one_line_error, shared_checkpoints
 from harness import run_ranks
 from models import make_model, tensors_equal
 
@@ -26,11 +26,7 @@ STEP = "step_000000000003"
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """An FSDP2 job's sharded root (steps 1-3) and a DDP job's chief-mode root (step 5)."""
-    base = tmp_path_factory.mktemp("cli")
-    sharded, chief = str(base / "sharded"), str(base / "chief")
-    full = run_ranks(fsdp_job, 2, sharded, None, timeout=240)[0]
-    chief_state = run_ranks(ddp_chief_job, 2, chief, timeout=240)[0]
-    return {"url": sharded, "full": full, "chief": chief, "chief_state": chief_state, "store": Store(None)}
+    return {**shared_checkpoints(tmp_path_factory), "store": Store(None)}
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +165,7 @@ def test_verify_passes_an_intact_root_and_names_a_flipped_byte(ckpt, tmp_path):
     assert "step 2: DAMAGED" in bad.stdout and "step 1: OK" in bad.stdout and "step 3: OK" in bad.stdout
     assert "__1_0.distcp: checksum mismatch" in bad.stdout
     assert "step 2 __1_0.distcp" in bad.stderr
-    if store.options is None:
-        newest = cli("verify", url)  # the default is the newest step, which is intact
-        assert newest.returncode == 0 and "step 3: OK" in newest.stdout
+    assert distckpt.open(url, store.options).verify().ok  # the newest step (the default) is intact
 
 
 def test_verify_json_reports_truncated_missing_files_and_a_damaged_manifest(local, tmp_path):
@@ -253,17 +247,12 @@ def test_export_only_model_to_safetensors_is_bit_exact_and_loads_into_the_model(
     assert tensors_equal(model.state_dict(), loaded)
 
 
-@pytest.mark.parametrize(
-    "suffix,dtype,torch_dtype", [(".pt", "bf16", torch.bfloat16), (".safetensors", "fp16", torch.float16)]
-)
-def test_export_casts_floating_point_tensors_only(local, tmp_path, suffix, dtype, torch_dtype):
-    out = tmp_path / f"all{suffix}"
-    proc = cli("export", local["url"], "--step", "2", "--to", str(out), "--dtype", dtype)
+def test_export_to_pt_casts_floating_point_tensors_only(local, tmp_path):
+    out = tmp_path / "all.pt"
+    proc = cli("export", local["url"], "--step", "2", "--to", str(out), "--dtype", "bf16")
     assert proc.returncode == 0, proc.stderr
-    if suffix == ".pt":
-        loaded = torch.load(out, weights_only=True)
-    else:
-        loaded = safetensors.torch.load_file(str(out))
+    loaded = torch.load(out, weights_only=True)
+    torch_dtype = torch.bfloat16
     assert loaded["ids"].dtype == torch.int64 and torch.equal(loaded["ids"], torch.arange(6))
     assert "optim.state.0.weight.exp_avg" in loaded  # no --only: every tensor, full names
     for name, value in local["full"][2].items():
@@ -282,11 +271,10 @@ def test_export_refuses_an_unknown_prefix_and_leaves_no_file(local, tmp_path):
     "args,expect",
     [
         (["ls", "{missing}"], "does not exist"),
-        (["export", "{missing}", "--to", "{tmp}/m.safetensors"], "does not exist"),
-        (["inspect", "{url}", "--step", "99"], "step 99 is not a committed checkpoint"),
-        (["verify", "{url}", "--step", "99"], "step 99 is not a committed checkpoint"),
+        (["export", "{url}", "--step", "99", "--to", "{tmp}/m.safetensors"], "step 99 is not a committed checkpoint"),
         (["ls", "{garbage}"], "no distckpt checkpoints"),
         (["verify", "{garbage}"], "no committed checkpoint"),
+        (["inspect", "{url}/step_000000000002/state.json"], "is a file, not a checkpoint directory"),
         (["gc", "{garbage}", "--keep-last", "1"], "no distckpt checkpoints"),
     ],
 )

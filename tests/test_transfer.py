@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distckpt
 from distckpt.export import export
 
-from cli_jobs import VAL_LOSS, WIDTH, fsdp_job
+from cli_jobs import VAL_LOSS, WIDTH, shared_checkpoints
 from harness import run_ranks
 from models import make_model, tensors_equal
 
@@ -22,12 +22,11 @@ from models import make_model, tensors_equal
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A sharded FSDP2 checkpoint (steps 1-3) and its exports (``--only model``)."""
+    shared = shared_checkpoints(tmp_path_factory)
     base = tmp_path_factory.mktemp("transfer")
-    root = str(base / "ckpt")
-    full = run_ranks(fsdp_job, 2, root, None, timeout=240)[0]
-    st = export(root, str(base / "model.safetensors"), only="model")
-    pt = export(root, str(base / "model.pt"), only="model")
-    return {"root": root, "full": full, "safetensors": st.path, "pt": pt.path}
+    st = export(shared["url"], str(base / "model.safetensors"), only="model")
+    pt = export(shared["url"], str(base / "model.pt"), only="model")
+    return {"root": shared["url"], "full": shared["full"], "safetensors": st.path, "pt": pt.path}
 
 
 def _wider_head(seed: int = 7) -> nn.Sequential:
@@ -173,6 +172,11 @@ def test_export_api_streams_in_small_batches_and_refuses_unknown_formats(saved, 
     loaded = safetensors.torch.load_file(str(out))
     assert result.tensors == len(loaded) and result.nbytes == sum(t.numel() * t.element_size() for t in loaded.values())
     assert tensors_equal({k[len("model.") :]: v for k, v in loaded.items() if k.startswith("model.")}, saved["full"][1])
+    half = export(saved["root"], str(tmp_path / "half.safetensors"), step=2, only="model", dtype="fp16")
+    loaded = safetensors.torch.load_file(half.path)
+    for name, value in saved["full"][2].items():
+        assert loaded[name].dtype == torch.float16
+        torch.testing.assert_close(loaded[name].float(), value, rtol=2**-10, atol=1e-4)
     with pytest.raises(distckpt.DistckptError, match=r"\*.safetensors or \*.pt"):
         export(saved["root"], str(tmp_path / "m.onnx"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.safetensors", "half.safetensors"]
