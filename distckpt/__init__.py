@@ -28,14 +28,17 @@ from .errors import (
 )
 from .helpers import ResumableSampler, RNGState
 from .info import CheckpointInfo, SaveStats
+from .inspection import CheckpointReader, open
 from .preemption import Preemption
 from .recoverables import register_hooks
 from .retention import Keep, RetentionPolicy
+from .transfer import TransferReport, transfer
 
 __all__ = [
     "Checkpointer",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointReader",
     "CommitError",
     "CorruptCheckpointError",
     "DistckptError",
@@ -48,6 +51,9 @@ __all__ = [
     "RetentionPolicy",
     "SaveHandle",
     "SaveStats",
+    "TransferReport",
+    "open",
     "register_hooks",
+    "transfer",
     "__version__",
 ]

@@ -51,3 +51,16 @@ def test_storage_bench_reports_gbps_for_every_backend(tmp_path):
         assert r["save_gbps"] > 0 and r["restore_gbps"] > 0, name
     assert backends["local tier + s3"]["upload_gbps"] > 0 and backends["local tier + s3"]["restore_remote_gbps"] > 0
     assert (out / "storage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cli_bench_command_runs_the_save_benchmark(tmp_path):
+    out = tmp_path / "cli-bench"
+    cmd = [sys.executable, "-m", "distckpt", "bench", "--size-gb", "0.01", "--repeats", "2"]
+    cmd += ["--methods", "torch.save,distckpt async", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"torch.save", "distckpt async"}
+    assert results["meta"]["device"] == "cpu"  # the CLI picks cpu where no GPU is present
+    assert all(m["bit_exact"] for m in results["methods"].values())
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
