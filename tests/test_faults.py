@@ -1,12 +1,14 @@
 """Storage faults: S3 errors and outages mid-save, a full disk. The newest committed step
 always restores bit-exact afterwards, the error says what happened, and training goes on."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from distckpt import Checkpointer, CheckpointError
+from distckpt.lease import LOCK
 
 from faults import FaultProxy, SmallDisk
 from harness import run_ranks
@@ -106,3 +108,18 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_newest_step(small_disk
     with Checkpointer(root, {"state": target}, read_only=True) as reader:
         assert reader.restore(step=2).step == 2 and torch.equal(target["w"], torch.full((512, 1024), 2.0))
         assert reader.restore().step == 4 and torch.equal(target["w"], torch.full((512, 1024), 4.0))
+
+
+def test_a_save_failing_in_a_root_another_job_took_over_names_the_takeover(small_disk):
+    # The new holder removes a fenced job's unfinished work; whatever error that causes in
+    # the old job's write, the old job must report the real cause: it lost the root.
+    root = os.path.join(small_disk, "ckpt")
+    with Checkpointer(root, {"state": {"big": torch.ones(4 * 1024 * 1024)}}, write_threads=1) as ckpt:
+        lock = os.path.join(root, LOCK)
+        doc = json.load(open(lock))
+        doc["nonce"] = "another-job"
+        json.dump(doc, open(lock, "w"))
+        with pytest.raises(CheckpointError, match="writing step 1 failed.*taken over by another job"):
+            ckpt.save(1)
+        assert ckpt.list() == []
+    assert json.load(open(lock))["nonce"] == "another-job"  # the other job's lease is left alone
