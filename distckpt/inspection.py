@@ -11,11 +11,8 @@ at a time (``distckpt export`` and ``distckpt.transfer`` build on it).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import socket
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,15 +37,12 @@ from .dcp_io import DCP_METADATA, SafeLoadPlanner, load_dcp_metadata
 from .engine import _unwrap_dcp_errors
 from .errors import CorruptCheckpointError, DistckptError, NoCheckpointError
 from .info import CheckpointInfo
-from .lease import LOCK
+from .lease import LOCK, holder_gone, lease_age, read_lease
 from .manifest import MANIFEST, Checksum, Manifest, checksum_bytes, parse_step_dirname
 from .storage import Storage, open_storage
 from .tree import dtype_from_name, tensor_refs
 
 _CHUNK = 8 << 20
-# A lease refreshed within this many seconds means a job is (probably) writing to the root;
-# the same figure as ``Lease(stale_after=...)``'s default.
-LEASE_LIVE_S = 600.0
 
 
 class CheckpointReader:
@@ -135,17 +129,13 @@ class CheckpointReader:
 
     def lease(self) -> dict[str, Any] | None:
         """The root's lease (which job writes here), with ``age_s`` and ``live``; None if free."""
-        path = self.storage.join(self.root, LOCK)
         try:
-            doc = json.loads(self.storage.read_bytes(path))
+            doc = read_lease(self.storage, self.storage.join(self.root, LOCK))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        if not doc:
             return {"job": "unknown (unreadable lease)", "age_s": 0.0, "live": True}
-        if not isinstance(doc, dict):
-            return {"job": "unknown (unreadable lease)", "age_s": 0.0, "live": True}
-        age = max(0.0, time.time() - float(doc.get("refreshed", 0) or 0))
-        return {**doc, "age_s": age, "live": age < LEASE_LIVE_S and not _dead_here(doc)}
+        return {**doc, "age_s": lease_age(doc), "live": holder_gone(doc) is None}
 
     def resolve(self, step: int | None = None) -> int:
         """The step meant by ``step``: as given (must be committed), pinned, or the newest."""
@@ -366,16 +356,3 @@ def _chunks_by_fqn(md: Metadata | None, man: Manifest) -> dict[str, list[Chunk]]
                 Chunk(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes), name, rec.rank if rec else -1)
             )
     return out
-
-
-def _dead_here(doc: dict[str, Any]) -> bool:
-    """The lease names a process on this host that no longer exists."""
-    if doc.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(doc.get("pid")), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return True
-    except PermissionError:
-        return False
-    return False

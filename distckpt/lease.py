@@ -14,6 +14,7 @@ A lease may be taken over when its holder is evidently gone: the same job restar
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ from .log import log
 from .storage import Storage
 
 LOCK = ".distckpt-lock"
+STALE_AFTER_S = 600.0  # a lease not refreshed for this long is taken to be abandoned
 
 
 def job_identity() -> str:
@@ -41,7 +43,9 @@ class Lease:
     """(chief only) Holds the root for this job. ``acquire`` at start, ``check`` before each
     commit, ``release`` at close; a daemon thread refreshes it every ``refresh_s``."""
 
-    def __init__(self, storage: Storage, root: str, *, stale_after: float = 600.0, refresh_s: float = 60.0) -> None:
+    def __init__(
+        self, storage: Storage, root: str, *, stale_after: float = STALE_AFTER_S, refresh_s: float = 60.0
+    ) -> None:
         self.storage, self.path = storage, storage.join(root, LOCK)
         self.stale_after, self.refresh_s = stale_after, refresh_s
         self.nonce = uuid.uuid4().hex
@@ -73,27 +77,19 @@ class Lease:
 
     def _read(self) -> dict[str, Any]:
         try:
-            doc = json.loads(self.storage.read_bytes(self.path))
-            return doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
+            return read_lease(self.storage, self.path)
+        except FileNotFoundError:
             return {}
 
     def _takeover_reason(self, other: dict[str, Any]) -> str | None:
-        if not other:
-            return None  # unreadable: do not guess
-        if other.get("job") == self.identity:
+        if other and other.get("job") == self.identity:
             return "the same job, restarted"
-        if other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
-            return f"its process {other.get('pid')} on this host is gone"
-        age = time.time() - float(other.get("refreshed", 0))
-        if age > self.stale_after:
-            return f"not refreshed for {age:.0f} s"
-        return None
+        return holder_gone(other, self.stale_after)
 
     def _busy_message(self, other: dict[str, Any]) -> str:
         if not other:
             return f"{self.path} exists but is unreadable; if no job writes to this root any more, delete it"
-        age = time.time() - float(other.get("refreshed", 0))
+        age = lease_age(other)
         return (
             f"{self.storage.url} is in use by another job ({other.get('job')}, host {other.get('host')}, "
             f"pid {other.get('pid')}, alive {age:.0f} s ago); use another checkpoint directory, stop that "
@@ -148,6 +144,40 @@ class Lease:
                 self.storage.remove(self.path)
         except OSError as e:
             log.warning("could not release %s: %s", self.path, e)
+
+
+def read_lease(storage: Storage, path: str) -> dict[str, Any]:
+    """The lease document at ``path``, ``{}`` when it is unreadable; ``FileNotFoundError``
+    when there is none."""
+    try:
+        doc = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def lease_age(doc: dict[str, Any]) -> float:
+    """Seconds since the lease ``doc`` was last refreshed."""
+    try:
+        return max(0.0, time.time() - float(doc.get("refreshed") or 0))
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def holder_gone(doc: dict[str, Any], stale_after: float = STALE_AFTER_S) -> str | None:
+    """Why the job holding lease ``doc`` is evidently gone (its process on this host has
+    exited, or it stopped refreshing), or None while it may still be writing. An unreadable
+    lease (``{}``) is never taken to be gone: do not guess."""
+    if not doc:
+        return None
+    if doc.get("host") == socket.gethostname() and not _alive(doc.get("pid")):
+        return f"its process {doc.get('pid')} on this host is gone"
+    age = lease_age(doc)
+    if age > stale_after:
+        return f"not refreshed for {age:.0f} s"
+    return None
 
 
 def _alive(pid: Any) -> bool:

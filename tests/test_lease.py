@@ -72,9 +72,18 @@ def test_a_killed_job_is_taken_over_on_the_same_host(root, tmp_path):
 def test_the_same_job_restarted_takes_over_at_once(root, tmp_path, monkeypatch):
     proc, go = _start_holder(root, tmp_path, env={"SLURM_JOB_ID": "4242"})
     try:
+        lock = os.path.join(root, LOCK)
+        before = json.load(open(lock))
         monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued instance of the same job
         with Checkpointer(root, {"t": torch.ones(4)}) as ckpt:
+            now = json.load(open(lock))
+            assert now["job"] == before["job"] and now["job"].endswith(":4242")
+            assert now["nonce"] != before["nonce"] and now["pid"] == os.getpid()
             ckpt.save(1)
+            open(go, "w").close()  # the old instance, still running, is fenced off
+            out, _ = proc.communicate(timeout=60)
+            assert "refused:" in out and "taken over by another job" in out
+            assert [c.step for c in ckpt.list()] == [1]
     finally:
         proc.kill()
 

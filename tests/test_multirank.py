@@ -134,10 +134,14 @@ def _async_with_training_collectives(rank, world, root):
     ckpt.close()
     check = make_training(seed=9)[0]
     with Checkpointer(root, {"model": check}) as reader:
-        ok = all(tensors_equal(check.state_dict(), snapshots[s]) for s in (2, 4, 6) if reader.restore(step=s))
-    return ok, threading.active_count()
+        ok = []
+        for s in (2, 4, 6):
+            assert reader.restore(step=s).step == s
+            ok.append(tensors_equal(check.state_dict(), snapshots[s]))
+    return ok, sorted(t.name for t in threading.enumerate() if t.name.startswith("distckpt"))
 
 
 def test_async_saves_overlap_training_collectives_and_snapshot_at_call(root):
     out = run_ranks(_async_with_training_collectives, 2, root, timeout=120)
-    assert [ok for ok, _ in out] == [True, True]
+    assert [ok for ok, _ in out] == [[True] * 3, [True] * 3]
+    assert [threads for _, threads in out] == [[], []]  # close() leaves no distckpt thread behind

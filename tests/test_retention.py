@@ -54,10 +54,10 @@ def test_keep_preserves_exactly_the_union_of_its_rules(history, keep):
         sign = 1 if keep.best_mode == "min" else -1
         best = sorted(scored, key=lambda c: (sign * _value(c), -c.step))[: keep.best]
         expected |= {c.step for c in best}
-        # nothing outside the best K beats the worst of them
-        if best:
-            worst = max(sign * _value(c) for c in best)
-            assert all(sign * _value(c) >= worst for c in scored if c.step not in {b.step for b in best})
+        # what the policy dropped never beats the K-th best of what it kept
+        kept_scores = sorted(sign * _value(c) for c in scored if c.step in kept)[: keep.best]
+        if kept_scores:
+            assert all(sign * _value(c) >= kept_scores[-1] for c in scored if c.step not in kept)
     assert kept == expected
 
 
