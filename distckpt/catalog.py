@@ -15,7 +15,16 @@ from .commit import Commit
 from .errors import CorruptCheckpointError, DistckptError
 from .info import CheckpointInfo
 from .log import log
-from .manifest import MANIFEST, STATE_FILE, Manifest, checksum_bytes, parse_step_dirname, step_dirname
+from .manifest import (
+    MANIFEST,
+    STATE_FILE,
+    Checksum,
+    Manifest,
+    checksum_bytes,
+    checksum_stream,
+    parse_step_dirname,
+    step_dirname,
+)
 from .retention import RetentionPolicy
 from .storage import Storage
 
@@ -23,7 +32,7 @@ from .storage import Storage
 class Catalog:
     def __init__(self, storage: Storage, commit: Commit) -> None:
         self.storage, self.commit = storage, commit
-        self.root: str = storage.root  # type: ignore[attr-defined]
+        self.root: str = storage.root
 
     def step_path(self, step: int) -> str:
         return self.storage.join(self.root, step_dirname(step))
@@ -64,22 +73,56 @@ class Catalog:
             data = self.storage.read_bytes(path)
         except FileNotFoundError as e:
             raise CorruptCheckpointError(f"step {step} has no manifest at {path}; it is not committed") from e
+        return self._parse_manifest(step, data, path)
+
+    @staticmethod
+    def _parse_manifest(step: int, data: bytes, path: str) -> Manifest:
         man = Manifest.from_json(data, path)
         if man.step != step:
             raise CorruptCheckpointError(f"{path} describes step {man.step}, not {step}; the directory was renamed")
         return man
 
-    def read_state(self, step: int, man: Manifest) -> dict[str, Any]:
-        """``state.json``, checked against the manifest's size and checksum."""
-        path = self.storage.join(self.step_path(step), STATE_FILE)
-        rec = man.files.get(STATE_FILE)
+    def read_checked(self, step: int, man: Manifest, name: str) -> bytes:
+        """A small file of a step, read whole and checked against the manifest's size and checksum."""
+        rec = man.files.get(name)
         if rec is None:
-            raise CorruptCheckpointError(f"step {step}: manifest lists no {STATE_FILE}")
+            raise CorruptCheckpointError(f"step {step}: manifest lists no {name}")
+        path = self.storage.join(self.step_path(step), name)
         data = self.storage.read_bytes(path)
         if len(data) != rec.size or checksum_bytes(data) != rec.checksum:
             raise CorruptCheckpointError(
                 f"{path} does not match its manifest (size or checksum); restore an older step"
             )
+        return data
+
+    def file_problem(
+        self, step: int, man: Manifest, name: str, *, verify: bool = True, progress: Callable[[int], None] | None = None
+    ) -> str | None:
+        """What is wrong with one file of a step against its manifest record (missing, another
+        size, and with ``verify`` another checksum), or None when it is intact.
+        ``progress(nbytes)`` is called as bytes are checksummed."""
+        rec = man.files[name]
+        path = self.storage.join(self.step_path(step), name)
+        try:
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            return "missing"
+        if size != rec.size:
+            return f"{size} bytes, the manifest says {rec.size} (truncated or overwritten)"
+        if not verify:
+            return None
+        with self.storage.open_read(path) as f:
+            size, digest = checksum_stream(f, progress)
+        if size != rec.size:
+            return f"read {size} bytes, the manifest says {rec.size}"
+        if digest != rec.checksum:
+            return f"checksum mismatch ({Checksum.name} {digest}, manifest {rec.checksum}): the file is corrupt"
+        return None
+
+    def read_state(self, step: int, man: Manifest) -> dict[str, Any]:
+        """``state.json``, checked against the manifest's size and checksum."""
+        path = self.storage.join(self.step_path(step), STATE_FILE)
+        data = self.read_checked(step, man, STATE_FILE)
         try:
             return json.loads(data)
         except ValueError as e:
@@ -99,9 +142,12 @@ class Catalog:
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first. A step whose manifest is damaged is skipped with a warning."""
         out = []
-        for step in self.committed_steps():
-            try:
-                out.append(self.info(self.read_manifest(step)))
+        for step in self.candidate_steps():
+            path = self.storage.join(self.step_path(step), MANIFEST)
+            try:  # one request per step: a missing manifest means "not committed"
+                out.append(self.info(self._parse_manifest(step, self.storage.read_bytes(path), path)))
+            except FileNotFoundError:
+                continue
             except (CorruptCheckpointError, OSError) as e:
                 log.warning("skipping step %d: %s", step, e)
         return out

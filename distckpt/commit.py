@@ -40,7 +40,7 @@ class RenameCommit:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.root = storage.root  # type: ignore[attr-defined]
+        self.root = storage.root
 
     def workdir(self, step: int, nonce: str) -> str:
         return self.storage.join(self.root, f"{TMP_PREFIX}{step_dirname(step)}-{nonce}")
@@ -84,7 +84,7 @@ class MarkerCommit:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.root = storage.root  # type: ignore[attr-defined]
+        self.root = storage.root
 
     def workdir(self, step: int, nonce: str) -> str:
         return self.storage.join(self.root, step_dirname(step))
@@ -93,7 +93,10 @@ class MarkerCommit:
         step = manifest.step
         for rec in manifest.files.values():
             path = self.storage.join(workdir, rec.name)
-            size = self.storage.size(path) if self.storage.exists(path) else None
+            try:
+                size: int | None = self.storage.size(path)
+            except FileNotFoundError:
+                size = None
             if size != rec.size:
                 raise CommitError(
                     f"step {step}: {path} is {'missing' if size is None else f'{size} bytes'}, "

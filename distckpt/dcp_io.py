@@ -46,14 +46,13 @@ class FileRecorder:
             if old in self._files:
                 self._files[new] = self._files.pop(old)
 
-    def records(self, rank: int) -> dict[str, tuple[int, str | None]]:
-        """``{basename: (size, checksum or None)}``; ``None`` means "seeked: checksum by reading"."""
-        with self._lock:
-            return {os.path.basename(p): v for p, v in self._files.items()}
-
     def to_file_records(self, rank: int, read_back: Any) -> list[FileRecord]:
+        """This rank's files; ``read_back(name) -> (size, checksum)`` for a file whose stream
+        was seeked (so its running checksum is void)."""
+        with self._lock:
+            files = {os.path.basename(p): v for p, v in self._files.items()}
         out = []
-        for name, (size, digest) in sorted(self.records(rank).items()):
+        for name, (size, digest) in sorted(files.items()):
             if digest is None:
                 size, digest = read_back(name)
             out.append(FileRecord(name, size, digest, rank))

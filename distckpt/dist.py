@@ -66,29 +66,12 @@ class RankContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def fg(self) -> Any:
-        return self.groups.get("fg")
-
-    @property
-    def bg(self) -> Any:
-        return self.groups.get("bg")
-
     def all_gather(self, obj: Any, *, on: str = "fg") -> list[Any]:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.groups[on])
         return out
-
-    def broadcast(self, obj: Any, *, on: str = "fg") -> Any:
-        """The chief's ``obj`` on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        group = self.groups[on]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        return box[0]
 
     def any_true(self, flag: bool, *, on: str = "fg") -> bool:
         """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""

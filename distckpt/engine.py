@@ -110,7 +110,8 @@ class _DcpEngine:
             with storage.open_read(storage.join(workdir, name)) as f:
                 return checksum_stream(f)
 
-        return recorder.to_file_records(rank, read_back), tensor_table(md)
+        # dcp.save returns the global metadata on every rank; only the chief's table is used
+        return recorder.to_file_records(rank, read_back), tensor_table(md) if rank == 0 else {}
 
     def _load(
         self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, group: Any, contiguous: bool

@@ -22,7 +22,6 @@ class _SafeFsspecReader(SafeReaderMixin, FsspecReader):
 
 class FsspecStorage:
     atomic_rename = False
-    kind = "object"
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         self.url = url.rstrip("/")

@@ -38,11 +38,9 @@ from .engine import _unwrap_dcp_errors
 from .errors import CorruptCheckpointError, DistckptError, NoCheckpointError
 from .info import CheckpointInfo
 from .lease import LOCK, holder_gone, lease_age, read_lease
-from .manifest import MANIFEST, Checksum, Manifest, checksum_bytes, parse_step_dirname
+from .manifest import MANIFEST, Manifest, parse_step_dirname
 from .storage import Storage, open_storage
 from .tree import dtype_from_name, tensor_refs
-
-_CHUNK = 8 << 20
 
 
 class CheckpointReader:
@@ -78,7 +76,7 @@ class CheckpointReader:
 
     @property
     def root(self) -> str:
-        return self.storage.root  # type: ignore[attr-defined]
+        return self.storage.root
 
     def _names(self) -> list[str]:
         try:
@@ -170,16 +168,10 @@ class CheckpointReader:
 
     def dcp_metadata(self, step: int, man: Manifest) -> Metadata | None:
         """DCP's ``.metadata``, size- and checksum-checked, through the restricted unpickler."""
-        rec = man.files.get(DCP_METADATA)
-        if rec is None:
+        if DCP_METADATA not in man.files:
             return None
-        path = self.storage.join(self.catalog.step_path(step), DCP_METADATA)
-        data = self.storage.read_bytes(path)
-        if len(data) != rec.size or checksum_bytes(data) != rec.checksum:
-            raise CorruptCheckpointError(
-                f"{path} does not match its manifest (size or checksum); restore an older step"
-            )
-        return load_dcp_metadata(io.BytesIO(data), path)
+        data = self.catalog.read_checked(step, man, DCP_METADATA)
+        return load_dcp_metadata(io.BytesIO(data), self.storage.join(self.catalog.step_path(step), DCP_METADATA))
 
     # --- inspect ----------------------------------------------------------------------
 
@@ -231,7 +223,7 @@ class CheckpointReader:
         names = sorted(man.files)
 
         def check(name: str) -> str | None:
-            return self._check_file(stepdir, man, name, progress)
+            return self.catalog.file_problem(step, man, name, progress=progress)
 
         with ThreadPoolExecutor(max(1, min(threads, len(names) or 1))) as pool:
             verdicts = list(pool.map(check, names))
@@ -239,27 +231,6 @@ class CheckpointReader:
         present = set(self.storage.listdir(stepdir))
         unlisted = sorted(present - set(names) - {MANIFEST})
         return VerifyReport(step, len(names), man.nbytes, problems, unlisted)
-
-    def _check_file(self, stepdir: str, man: Manifest, name: str, progress: Callable[[int], None] | None) -> str | None:
-        rec = man.files[name]
-        path = self.storage.join(stepdir, name)
-        try:
-            size = self.storage.size(path)
-        except FileNotFoundError:
-            return "missing"
-        if size != rec.size:
-            return f"{size} bytes, the manifest says {rec.size} (truncated or overwritten)"
-        digest = Checksum()
-        with self.storage.open_read(path) as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-        if digest.size != rec.size:
-            return f"read {digest.size} bytes, the manifest says {rec.size}"
-        if digest.hexdigest() != rec.checksum:
-            return f"checksum mismatch ({Checksum.name} {digest.hexdigest()}, manifest {rec.checksum}): the file is corrupt"
-        return None
 
     # --- tensor data ------------------------------------------------------------------
 

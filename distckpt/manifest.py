@@ -11,6 +11,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -69,11 +70,13 @@ class Checksum:
         return self._h.hexdigest()
 
 
-def checksum_stream(stream: BinaryIO) -> tuple[int, str]:
-    """Size and checksum of everything left in ``stream``."""
+def checksum_stream(stream: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Size and checksum of everything left in ``stream``; ``progress(nbytes)`` per chunk read."""
     c = Checksum()
     while chunk := stream.read(_CHUNK):
         c.update(chunk)
+        if progress is not None:
+            progress(len(chunk))
     return c.size, c.hexdigest()
 
 

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import IncompatibleCheckpointError
-from .staging import ALIGN, local_part
+from .staging import aligned, local_part
 from .tree import split
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {}
@@ -135,7 +135,7 @@ class OptimizerAdapter(Adapter):
         if self.model is None or _empty_optimizer_state(state):
             self.obj.load_state_dict(state)
         else:
-            set_optimizer_state_dict(self.model, self.obj, state, options=_options(full))
+            set_optimizer_state_dict(self.model, self.obj, state, options=_options(full, strict=strict))
 
 
 class TensorAdapter(Adapter):
@@ -227,8 +227,8 @@ def link_optimizers(adapters: dict[str, Adapter]) -> None:
 
 
 def _nbytes(t: torch.Tensor, full: bool) -> int:
-    """Bytes ``t`` takes in a staging pool (each slice is ``ALIGN``-aligned)."""
-    return -(-(t.numel() if full else local_part(t).numel()) * t.element_size() // ALIGN) * ALIGN
+    """Bytes ``t`` takes in a staging pool (each slice is aligned)."""
+    return aligned((t.numel() if full else local_part(t).numel()) * t.element_size())
 
 
 def _dry_run_state_bytes(optim: torch.optim.Optimizer, full: bool) -> int:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,8 +30,9 @@ from .errors import (
 )
 from .info import CheckpointInfo
 from .log import log
-from .manifest import Manifest, checksum_stream
+from .manifest import Manifest
 from .recoverables import Adapter, ModuleAdapter
+from .retention import metric_value
 from .tiers import Tier
 from .tree import dtype_from_name, join, split, tensor_refs
 
@@ -76,7 +76,7 @@ class Restorer:
         key = min_key or max_key
         if key is None:
             return sorted(chosen, key=lambda i: -i.step)
-        scored = [(v, i) for i in chosen if (v := _number(i.meta.get(key))) is not None]
+        scored = [(v, i) for i in chosen if (v := metric_value(i.meta.get(key))) is not None]
         sign = 1 if min_key else -1
         return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
 
@@ -88,9 +88,8 @@ class Restorer:
             # newest first, damaged manifests included: they fail their check loudly
             steps = {s for t in self.tiers.values() for s in t.catalog.committed_steps()}
         else:
-            steps = {i.step for i in self.rank_candidates(self.list(), step, min_key, max_key, predicate)}
-            ranked = [i.step for i in self.rank_candidates(self.list(), step, min_key, max_key, predicate)]
-            return [(s, self._holders(s)) for s in ranked if s in steps]
+            ranked = self.rank_candidates(self.list(), step, min_key, max_key, predicate)
+            return [(i.step, self._holders(i.step)) for i in ranked]
         return [(s, self._holders(s)) for s in sorted(steps, reverse=True)]
 
     def _holders(self, step: int) -> list[str]:
@@ -164,24 +163,9 @@ class Restorer:
         return found["manifest"], found["state"]
 
     def _check_file(self, tier: Tier, step: int, man: Manifest, name: str, verify: bool) -> None:
-        rec = man.files[name]
-        storage = tier.storage
-        path = storage.join(tier.catalog.step_path(step), name)
-        try:
-            size = storage.size(path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
-        if size != rec.size:
-            raise CorruptCheckpointError(
-                f"step {step}: {name} is {size} bytes, the manifest says {rec.size} (truncated?)"
-            )
-        if verify:
-            with storage.open_read(path) as f:
-                _, digest = checksum_stream(f)
-            if digest != rec.checksum:
-                raise CorruptCheckpointError(
-                    f"step {step}: {name} fails its checksum ({digest}, manifest {rec.checksum})"
-                )
+        problem = tier.catalog.file_problem(step, man, name, verify=verify)
+        if problem is not None:
+            raise CorruptCheckpointError(f"step {step}: {name}: {problem}")
 
     # --- 3 + 4. matching and loading ------------------------------------------------------
 
@@ -300,12 +284,6 @@ class Restorer:
 def check_selection(step: int | None, min_key: str | None, max_key: str | None) -> None:
     if sum(x is not None for x in (step, min_key, max_key)) > 1:
         raise ValueError("give at most one of step=, min_key=, max_key=")
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    return float(value)
 
 
 def _raise_if_incompatible(err: BaseException) -> None:

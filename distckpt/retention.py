@@ -73,13 +73,14 @@ class Keep:
     def _best(self, checkpoints: Sequence[CheckpointInfo]) -> list[int]:
         scored = []
         for i, c in enumerate(checkpoints):
-            value = _number(c.meta.get(self.metric)) if self.metric else None
+            value = metric_value(c.meta.get(self.metric)) if self.metric else None
             if value is not None:
                 scored.append((value if self.best_mode == "min" else -value, -c.step, i))
         return [i for _, _, i in sorted(scored)[: self.best]]
 
 
-def _number(value: Any) -> float | None:
+def metric_value(value: Any) -> float | None:
+    """A meta value as a number to rank by, or None (missing, non-numeric, bool or NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return None if math.isnan(value) else float(value)

@@ -78,13 +78,18 @@ def rewrap(original: torch.Tensor, local_copy: torch.Tensor) -> torch.Tensor:
     return local_copy
 
 
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``ALIGN`` (each tensor's slice of a pool)."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
     """Aligned byte offsets of every tensor's local data in one buffer, and the total."""
     offsets, total = {}, 0
     for fqn, t in tensors.items():
         local = local_part(t)
         offsets[fqn] = total
-        total += -(-local.numel() * local.element_size() // ALIGN) * ALIGN
+        total += aligned(local.numel() * local.element_size())
     return offsets, total
 
 

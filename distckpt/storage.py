@@ -29,7 +29,7 @@ class Storage(Protocol):
 
     url: str
     atomic_rename: bool
-    kind: str
+    root: str
 
     def join(self, *parts: str) -> str: ...
     def listdir(self, path: str) -> list[str]: ...
@@ -52,7 +52,6 @@ class LocalStorage:
     """A POSIX directory: local disk or a shared mount (NFS, Lustre, sshfs)."""
 
     atomic_rename = True
-    kind = "posix"
 
     def __init__(self, url: str) -> None:
         path = url[len("file://") :] if url.startswith("file://") else url

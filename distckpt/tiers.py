@@ -92,7 +92,6 @@ class Uploader:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-upload")
         self._lock = threading.Lock()
         self._futures: deque[tuple[int, Future]] = deque()
-        self._reported: set[int] = set()
         self.pending: set[int] = set()  # steps committed locally, not yet on the remote tier
 
     def submit(self, manifest: Manifest, nonce: str) -> None:
@@ -158,14 +157,19 @@ class Uploader:
             log.warning("local retention failed (%s); it will be retried", e)
 
     def check_errors(self) -> None:
-        """Raise the first failed upload not reported yet (once), without waiting."""
+        """Raise the oldest failed upload (once), without waiting; later failures stay queued
+        for the next call, so none is lost."""
+        err: BaseException | None = None
         with self._lock:
-            done = [(s, f) for s, f in self._futures if f.done()]
-            self._futures = deque((s, f) for s, f in self._futures if not f.done())
-        for step, f in done:
-            if f.exception() is not None and step not in self._reported:
-                self._reported.add(step)
-                raise f.exception()  # type: ignore[misc]
+            left: deque[tuple[int, Future]] = deque()
+            for s, f in self._futures:
+                if err is None and f.done():
+                    err = f.exception()
+                    continue
+                left.append((s, f))
+            self._futures = left
+        if err is not None:
+            raise err
 
     def wait(self) -> None:
         """Block until every queued upload is committed remotely; raise a failure once."""
