@@ -1,8 +1,8 @@
-"""``python -m benchmarks.save_bench``: the save/restore benchmark (see ``distckpt.bench``)."""
+"""``python -m benchmarks.save_bench``: the save/restore benchmark (see ``distckpt.bench.save``)."""
 
 import sys
 
-from distckpt.bench import main
+from distckpt.bench.save import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""``python -m benchmarks.storage_bench``: throughput per storage backend (see ``distckpt.bench_storage``)."""
+"""``python -m benchmarks.storage_bench``: throughput per storage backend (see ``distckpt.bench.storage``)."""
 
 import sys
 
-from distckpt.bench_storage import main
+from distckpt.bench.storage import main
 
 if __name__ == "__main__":
     sys.exit(main())

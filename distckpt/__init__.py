@@ -8,6 +8,13 @@ Every rank calls the same API::
     ckpt.save(step, meta={"val_loss": 0.41})
     if ckpt.should_stop(step):     # with preemption=True: SIGTERM/SIGUSR1 on any rank
         ckpt.save_and_exit(step)   # final save, SLURM requeue or torchrun restart
+
+This module holds the public names only. The package's layers (README, "How it works"):
+``storage/`` (where bytes live), ``layout/`` (the on-storage contract: manifest, commit,
+catalog, lease, tiers), ``dcp/`` (the bridge to torch.distributed.checkpoint), the core
+at the top level (``checkpointer`` -> ``save`` / ``restore``, ``staging``, ``recoverables``,
+``ranks``, ``topology``, ``retention``, ``preemption``), ``tools/`` (reader, gc, export,
+transfer, the command line) and ``bench/``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -17,7 +24,8 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-from .checkpointer import Checkpointer, SaveHandle
+from . import _moved
+from .checkpointer import Checkpointer
 from .errors import (
     CheckpointError,
     CommitError,
@@ -26,13 +34,16 @@ from .errors import (
     IncompatibleCheckpointError,
     NoCheckpointError,
 )
-from .helpers import ResumableSampler, RNGState
-from .info import CheckpointInfo, SaveStats
-from .inspection import CheckpointReader, open
+from .layout.catalog import CheckpointInfo, SaveStats
 from .preemption import Preemption
 from .recoverables import register_hooks
+from .resumable import ResumableSampler, RNGState
 from .retention import Keep, RetentionPolicy
-from .transfer import TransferReport, transfer
+from .save import SaveHandle
+from .tools.reader import CheckpointReader, open
+from .tools.transfer import TransferReport, transfer
+
+_moved.install()
 
 __all__ = [
     "Checkpointer",

@@ -1,7 +1,7 @@
-"""``python -m distckpt``: the ``distckpt`` command line (see ``distckpt.cli``)."""
+"""``python -m distckpt``: the ``distckpt`` command line (see ``distckpt.tools.cli``)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

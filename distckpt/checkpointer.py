@@ -1,44 +1,39 @@
 """``Checkpointer``: the one object every rank of a training job creates and calls.
 
-The save path (see DESIGN.md):
-  1. (all ranks) wait for the previous save if too many are in flight; re-raise its error once.
-  2. (all ranks) snapshot: recoverables' states are split into a JSON skeleton and tensors,
-     and the tensors are staged (copied) - the only part that blocks training.
-  3. (background thread when ``async_save``, all ranks) write this rank's files through DCP,
-     checksumming as they are written.
-  4. (background) gather per-rank results on a private gloo group; a failure on any rank
-     becomes ``CheckpointError`` on every rank.
-  5. (chief) write ``state.json`` and ``manifest.json``, commit atomically, then apply retention.
+A facade: it validates its options once (``Options``), builds the parts (``_Parts``) and
+hands each call to the part that does it: ``save``/``wait`` to ``save.Saves``, ``restore``
+to ``restore.Restorer``, ``list``/``find``/``delete`` to the tiers' catalogs, preemption
+to ``preemption``. README, "How it works", walks through the save and restore paths.
 """
 
 from __future__ import annotations
 
 import atexit
-import threading
-import time
-import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from .dist import RankContext
-from .engine import make_engine
+from . import retention
+from .engine import Engine, make_engine
 from .errors import DistckptError
-from .info import CheckpointInfo
-from .lease import Lease
+from .layout.catalog import CheckpointInfo, select
+from .layout.lease import Lease
+from .layout.tier import Tier, Tiers
 from .log import log
-from .preemption import Preemption, as_preemption, final_save_and_exit
-from .recoverables import Adapter, link_optimizers, make_adapter
-from .restoring import Restorer
-from .retention import RetentionPolicy, as_policy
-from .saving import SaveHandle, SaveJob, Saver, check_meta, check_step
-from .staging import Staged, Stager, make_stager
-from .tiers import Nodes, Tier, Uploader
-from .tree import split
+from .options import Options
+from .preemption import Preemption, save_and_exit
+from .ranks import RankContext
+from .recoverables import Recoverables
+from .restore import Restorer
+from .save import SaveHandle, Saves, check_step
+from .staging import make_stager
+from .topology import Topology, open_tiers
+from .upload import Uploader
+
+__all__ = ["Checkpointer", "SaveHandle"]
 
 
 class Checkpointer:
@@ -83,103 +78,69 @@ class Checkpointer:
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,
         write_threads: int = 4,
-        stager: str | Stager = "auto",
+        stager: Any = "auto",
         staging_budget: int | None = None,
         read_only: bool = False,
         preemption: bool | Preemption | None = None,
     ) -> None:
-        if isinstance(timeout, (int, float)):
-            timeout = timedelta(seconds=timeout)
-        if max_in_flight < 1 or local_keep < 1:
-            raise ValueError("max_in_flight and local_keep must be >= 1")
-        self._engine = make_engine(mode, write_threads)
-        self._policy: RetentionPolicy = as_policy(keep)
-        self._remote = Tier.open("primary", url, storage_options, shared=True)
-        self._local = Tier.open("local", local_dir, None, shared=False) if local_dir else None
-        self._ctx = RankContext(process_group, timeout)
-        self._nodes = Nodes.find(self._ctx, local_dir)
-        if self._local is not None:
-            self._ctx.add_group("up")  # the uploader's own collectives
-        self._hooks: dict[type, Any] = {}
-        self._adapters: dict[str, Adapter] = {}
-        self.add_recoverables(recoverables or {})
-        self._stager: Stager = self._make_stager(stager, staging_budget)
-        self._max_in_flight = max_in_flight
-        self._pending: deque[SaveHandle] = deque()
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save") if async_save else None
-        self._closed = False
-        self._read_only = read_only
-        self._lease: Lease | None = None
-        nonce = self._ctx.agree(self._open_roots, f"opening {url}")[0]
-        self._uploader = None
-        if self._local is not None:
-            self._uploader = Uploader(
-                self._ctx,
-                self._local,
-                self._remote,
-                nodes=self._nodes,
-                policy=self._policy,
-                local_keep=local_keep,
-                check_lease=self._check_lease,
-                threads=write_threads,
-            )
-        self._saver = Saver(
-            ctx=self._ctx,
-            engine=self._engine,
-            stager=self._stager,
-            tier=self._local or self._remote,
-            remote=self._remote,
-            policy=self._policy,
-            nonce=nonce,
-            nodes=self._nodes,
-            uploader=self._uploader,
-            lease=self._lease,
+        opts = Options(
+            url=url,
+            mode=mode,
+            async_save=async_save,
+            keep=keep,
+            storage_options=storage_options,
+            local_dir=local_dir,
+            local_keep=local_keep,
+            process_group=process_group,
+            timeout=timeout,  # type: ignore[arg-type]
+            max_in_flight=max_in_flight,
+            write_threads=write_threads,
+            stager=stager,
+            staging_budget=staging_budget,
+            read_only=read_only,
+            preemption=preemption,  # type: ignore[arg-type]
         )
-        tiers = [t for t in (self._local, self._remote) if t is not None]
-        self._restorer = Restorer(self._ctx, tiers, self._engine)
+        self._recs = Recoverables()
+        for name, obj in (recoverables or {}).items():
+            self._recs.add(name, obj)
+        self._parts = _Parts.build(opts, self._recs)
+        self._opts = opts
+        self._closed = False
         if async_save or local_dir:
             atexit.register(_flush_at_exit, weakref.ref(self))
-        self._preemption = as_preemption(preemption)
-        if self._preemption is not None:
-            self._preemption.install()
+        if opts.preemption is not None:
+            opts.preemption.install()
 
     # --- recoverables ---------------------------------------------------------------
 
     def add_recoverable(self, name: str, obj: Any) -> None:
         """Add (or replace) one recoverable under ``name``."""
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
-            raise ValueError(f"recoverable names must be non-empty strings without '.' or '/', got {name!r}")
-        self._adapters[name] = make_adapter(obj, self._hooks)
-        link_optimizers(self._adapters)
+        self._recs.add(name, obj)
 
     def add_recoverables(self, recoverables: Mapping[str, Any]) -> None:
         for name, obj in recoverables.items():
-            self.add_recoverable(name, obj)
+            self._recs.add(name, obj)
 
     def register_hooks(self, cls: type, *, save: Callable[[Any], Any], load: Callable[[Any, Any], None]) -> None:
         """Like ``distckpt.register_hooks`` but for this Checkpointer only."""
-        self._hooks[cls] = (save, load)
-        for name, adapter in list(self._adapters.items()):
-            if isinstance(adapter.value, cls):
-                self.add_recoverable(name, adapter.value)
+        self._recs.register_hooks(cls, save, load)
 
     @property
     def recoverables(self) -> Mapping[str, Any]:
         """Current objects by name; plain values show what the last restore put there."""
-        return MappingProxyType({n: a.value for n, a in self._adapters.items()})
+        return MappingProxyType(self._recs.values())
 
     @property
     def rank(self) -> int:
-        return self._ctx.rank
+        return self._parts.ranks.rank
 
     @property
     def world_size(self) -> int:
-        return self._ctx.world_size
+        return self._parts.ranks.world_size
 
     @property
     def url(self) -> str:
-        return self._remote.storage.url
+        return self._parts.tiers.primary.storage.url
 
     # --- saving ---------------------------------------------------------------------
 
@@ -188,113 +149,14 @@ class Checkpointer:
         ``async_save``). Returns once tensors are staged; the caller may then change them.
         Raises the error of an earlier failed save or upload, once."""
         self._check_open()
-        if self._read_only:
+        if self._opts.read_only:
             raise DistckptError("this Checkpointer was opened with read_only=True and cannot save")
-        t0 = time.perf_counter()
-        step, meta = check_step(step), check_meta(meta)
-        self._drain(self._max_in_flight - 1)
-        try:
-            job = self._snapshot(step, meta, t0)
-        except Exception as e:  # noqa: BLE001 - other ranks are heading into collectives:
-            # carry the error into the job so that every rank raises it together.
-            job = SaveJob(step, meta, {}, {}, Staged({}), error=e)
-        if self._executor is None:
-            future: Future = Future()
-            try:
-                future.set_result(self._saver.run(job))
-            except BaseException as e:
-                future.set_exception(e)
-            handle = SaveHandle(step, future)
-            handle.wait()  # a sync save raises right here, on every rank
-            return handle
-        handle = SaveHandle(step, self._executor.submit(self._saver.run, job))
-        with self._lock:
-            self._pending.append(handle)
-        if job.staged.live:  # nothing was copied: the tensors must be written before we return
-            self._drain(0)
-        return handle
-
-    def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> SaveJob:
-        full = self._engine.full_state
-        skeletons, per_rank, tensors = {}, {}, {}
-        for name, adapter in self._adapters.items():
-            state = adapter.state(full)
-            if adapter.per_rank:
-                per_rank[name] = split(state, name, inline=True)[0]
-                continue
-            skeletons[name], found = split(state, name)
-            tensors.update(found)  # names start with the recoverable's own (dot-free) name: no clash
-        t_stage = time.perf_counter()
-        staged = self._stager.stage(tensors) if self._engine.writes(self._ctx) else Staged({})
-        now = time.perf_counter()
-        return SaveJob(
-            step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self._stager.capacity, started=t0
-        )
-
-    def _make_stager(self, kind: str | Stager, budget: int | None) -> Stager:
-        """Pick the stager and, on writing ranks, reserve its pool in the background now."""
-        full = self._engine.full_state
-        nbytes = sum(a.estimate_bytes(full) for a in self._adapters.values() if not a.per_rank)
-        cuda = any(a.on_cuda() for a in self._adapters.values())
-        stager = make_stager(kind, cuda_state=cuda, state_bytes=nbytes, budget=budget)
-        if self._engine.writes(self._ctx):
-            stager.reserve(nbytes)
-        return stager
-
-    def _open_roots(self) -> str | None:
-        """(chief) the remote root and the lease; (node leaders) the local tier."""
-        if self._local is not None and self._nodes.leader:
-            self._local.catalog.check_root()
-            if not self._read_only:
-                self._local.storage.makedirs(self._local.catalog.root)
-                self._local.catalog.clean_leftovers()
-        if not self._ctx.is_chief:
-            return None
-        self._remote.catalog.check_root()  # fails early, clearly, on a file or a single step
-        if self._read_only:
-            return uuid.uuid4().hex[:12]
-        if self._remote.storage.atomic_rename:
-            self._remote.storage.makedirs(self._remote.catalog.root)
-        self._lease = Lease(self._remote.storage, self._remote.catalog.root)
-        self._lease.acquire()  # one writing job per root; refuses a second one clearly
-        self._remote.catalog.clean_leftovers()  # safe: no other job writes here
-        return uuid.uuid4().hex[:12]
-
-    def _is_committed(self, step: int) -> bool:
-        return any(t.catalog.is_committed(step) for t in (self._local, self._remote) if t is not None)
-
-    def _check_lease(self) -> None:
-        if self._lease is not None:
-            self._lease.check()
-
-    # --- waiting --------------------------------------------------------------------
-
-    def _drain(self, keep: int = 0) -> None:
-        """Wait until at most ``keep`` saves are pending; raise the first unreported error."""
-        error: BaseException | None = None
-        while True:
-            with self._lock:
-                if len(self._pending) <= keep:
-                    break
-                handle = self._pending.popleft()
-            already_reported = handle.reported
-            try:
-                handle.wait()
-            except BaseException as e:
-                if not already_reported and error is None:
-                    error = e
-        if error is not None:
-            raise error
-        if self._uploader is not None:
-            self._uploader.check_errors()
+        return self._parts.saves.save(step, meta)
 
     def wait(self) -> None:
         """Block until every pending save is committed (and uploaded, with a local tier);
         raise a failed save's or upload's error, once."""
-        self._drain(0)
-        if self._uploader is not None:
-            self._uploader.wait()
-        self._saver.settle()
+        self._parts.saves.wait()
 
     def close(self) -> None:
         """Flush pending saves and uploads and release resources. Idempotent."""
@@ -304,14 +166,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            if self._uploader is not None:
-                self._uploader.close()
-            self._saver.close()
-            self._stager.close()
-            if self._lease is not None:
-                self._lease.release()
+            self._parts.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -334,8 +189,8 @@ class Checkpointer:
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (a local read; uncommitted work never shows).
         With a local tier, steps not uploaded yet show with ``tier="local"``."""
-        self._saver.settle()
-        return self._restorer.list()
+        self._parts.saves.settle()
+        return self._parts.tiers.list()
 
     def find(
         self,
@@ -345,7 +200,7 @@ class Checkpointer:
         predicate: Callable[[CheckpointInfo], bool] | None = None,
     ) -> CheckpointInfo | None:
         """The committed checkpoint ``restore`` would pick with the same arguments (local read)."""
-        ranked = self._restorer.rank_candidates(self.list(), None, min_key, max_key, predicate)
+        ranked = select(self.list(), None, min_key, max_key, predicate)
         return ranked[0] if ranked else None
 
     def restore(
@@ -370,8 +225,8 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        return self._restorer.restore(
-            self._adapters,
+        return self._parts.restorer.restore(
+            self._recs.adapters,
             step=step,
             min_key=min_key,
             max_key=max_key,
@@ -384,16 +239,17 @@ class Checkpointer:
         """Apply ``keep`` (or this Checkpointer's policy) now. Only the chief touches storage."""
         self._check_open()
         self.wait()
-        if not self._ctx.is_chief:
+        if not self._parts.ranks.is_chief:
             return []
-        return self._remote.catalog.apply_retention(as_policy(keep) if keep is not None else self._policy)
+        policy = retention.as_policy(keep) if keep is not None else self._opts.policy
+        return retention.apply(policy, self._parts.tiers.primary.catalog)
 
     # --- preemption (see preemption.py for the whole sequence) ------------------------
 
     @property
     def preemption(self) -> Preemption | None:
         """The installed ``Preemption`` (its ``requested``, ``count``, ``signal_time``), or ``None``."""
-        return self._preemption
+        return self._opts.preemption
 
     def should_stop(self, step: int) -> bool:
         """(all ranks, every step, same order as other collectives) ``True`` on every rank at
@@ -402,9 +258,9 @@ class Checkpointer:
         Every ``check_every`` steps it costs one 4-byte all-reduce on a private gloo group
         (none with one rank). Always ``False`` when the Checkpointer has no ``preemption=``.
         """
-        if self._preemption is None:
+        if self._opts.preemption is None:
             return False
-        return self._preemption.vote(self._ctx, check_step(step))
+        return self._opts.preemption.vote(self._parts.ranks, check_step(step))
 
     def save_and_exit(self, step: int, meta: Mapping[str, Any] | None = None) -> NoReturn:
         """(all ranks, once ``should_stop(step)`` is True) the final save, then exit for a restart.
@@ -416,8 +272,73 @@ class Checkpointer:
         failed final save is logged, not raised. Without ``preemption=`` the defaults apply.
         """
         self._check_open()
-        pre = self._preemption or Preemption()
-        final_save_and_exit(self, self._ctx, self._is_committed, pre, check_step(step), meta)
+        step = check_step(step)
+        pre = self._opts.preemption or Preemption()
+        save_and_exit(pre, self._parts.ranks, step, lambda: self._parts.saves.final_save(step, meta), self.close)
+
+
+@dataclass
+class _Parts:
+    """What a Checkpointer is made of, built once from its ``Options``."""
+
+    ranks: RankContext
+    engine: Engine
+    tiers: Tiers
+    saves: Saves
+    restorer: Restorer
+    lease: Lease | None
+
+    @classmethod
+    def build(cls, opts: Options, recs: Recoverables) -> _Parts:
+        """(all ranks; collectives) In order: the tiers, the private groups and who owns
+        which tier, the staging pool (reserved in the background from here on, so the first
+        save finds it ready), the opened roots (lease, leftovers), the save side."""
+        local = Tier.open("local", opts.local_dir, None, shared=False) if opts.local_dir else None
+        tiers = Tiers([t for t in (local, Tier.open("primary", opts.url, opts.storage_options, True)) if t])
+        ranks = RankContext(opts.process_group, opts.timeout)
+        topology = Topology.find(ranks, opts.local_dir)
+        if local is not None:
+            ranks.add_group("up")  # the uploader's own collectives
+        engine = make_engine(opts.mode, opts.write_threads)
+        nbytes = recs.estimate_bytes(engine.full_state)
+        stager = make_stager(opts.stager, cuda_state=recs.on_cuda(), state_bytes=nbytes, budget=opts.staging_budget)
+        if engine.writes(ranks):
+            stager.reserve(nbytes)
+        nonce, lease = open_tiers(ranks, topology, tiers, opts.read_only)
+        uploader = None
+        if local is not None:
+            uploader = Uploader(
+                ranks,
+                local,
+                tiers.primary,
+                topology=topology,
+                policy=opts.policy,
+                local_keep=opts.local_keep,
+                check_lease=lease.check if lease is not None else lambda: None,
+                threads=opts.write_threads,
+            )
+        saves = Saves(
+            ranks,
+            topology,
+            engine,
+            stager,
+            tiers,
+            recs,
+            opts.policy,
+            nonce,
+            async_save=opts.async_save,
+            max_in_flight=opts.max_in_flight,
+            uploader=uploader,
+            lease=lease,
+        )
+        return cls(ranks, engine, tiers, saves, Restorer(ranks, topology, tiers, engine), lease)
+
+    def close(self) -> None:
+        try:
+            self.saves.close()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
 
 def _flush_at_exit(ref: weakref.ReferenceType) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "DistckptError",
     "NoCheckpointError",
@@ -64,3 +66,16 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, (RemoteError, DistckptError)):
         return head
     return f"{type(exc).__name__}: {head}"
+
+
+def explain_storage_error(err: BaseException, url: str, step: int) -> BaseException:
+    """What a low-level storage error means for the user, and what to do (``err`` itself
+    when there is nothing to add)."""
+    causes = list(getattr(err, "errors", {}).values()) or [err]
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DistckptError(
+                f"no space left where {url} lives while writing step {step} ({cause}); free space or keep "
+                "fewer checkpoints (keep=distckpt.Keep(last=...)); earlier committed steps are intact"
+            )
+    return err

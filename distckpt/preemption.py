@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from .log import log
+from .ranks import Ranks
 
 #: ``EX_TEMPFAIL`` from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
@@ -151,14 +152,14 @@ class Preemption:
 
     # --- used by the Checkpointer ---------------------------------------------------
 
-    def vote(self, ctx: Any, step: int) -> bool:
+    def vote(self, ranks: Ranks, step: int) -> bool:
         """(all ranks, same steps) ``Checkpointer.should_stop``'s agreement; see the module doc."""
         st = self._state
         if st.stop_step is not None:
             return True
         if step % self.check_every:
             return False
-        if not ctx.any_true(self.requested):
+        if not ranks.any_true(self.requested):
             return False
         st.stop_step, st.stop_mono = step, time.monotonic()
         if self.requested:
@@ -196,39 +197,30 @@ def under_slurm() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
-def final_save_and_exit(
-    ckpt: Any, ctx: Any, is_committed: Callable[[int], bool], pre: Preemption, step: int, meta: Any
+def save_and_exit(
+    preemption: Preemption,
+    ranks: Ranks,
+    step: int,
+    final_save: Callable[[], tuple[bool, bool]],
+    close: Callable[[], None],
 ) -> NoReturn:
-    """``Checkpointer.save_and_exit`` (all ranks): wait, final save, close, requeue, exit.
+    """``Checkpointer.save_and_exit`` (all ranks): final save, report, close, requeue, exit.
 
-    1. wait for an in-flight async save; its error is logged (it was the previous step's);
-    2. unless the chief finds ``step`` committed already, ``save(step)`` and wait for the
-       commit (a blocking save however the Checkpointer was configured);
-    3. log the time from the first signal to the commit, close the Checkpointer;
-    4. ``exit_for_restart``. The handlers stay installed throughout, so another signal only
-       bumps the counter. A failed final save is logged: the job still exits for its
-       restart and resumes from the newest committed step.
+    ``final_save()`` waits for saves in flight and saves ``step`` unless it is committed
+    already, returning ``(saved, already_committed)`` (``Saves.final_save``; a failure is
+    logged there, not raised); ``close()`` closes the Checkpointer. Then the time from the
+    first signal to the commit is logged and ``exit_for_restart`` requeues and exits. The
+    handlers stay installed throughout, so another signal only bumps the counter.
     """
     t0 = time.perf_counter()
-    try:
-        ckpt.wait()
-    except Exception as e:  # noqa: BLE001 - the final save matters more
-        log.error("preemption: an earlier save failed (%s); making the final save anyway", e)
-    done = ctx.agree(lambda: ctx.is_chief and is_committed(step), f"checking step {step}")[0]
-    saved = False
-    if not done:
-        try:
-            ckpt.save(step, meta).wait()
-            saved = True
-        except Exception as e:  # noqa: BLE001 - exit for the restart regardless
-            log.error("preemption: the final save of step %d failed (%s); the job resumes from an older step", step, e)
+    saved, done = final_save()
     if saved or done:
-        pre.report_committed(step, time.perf_counter() - t0, saved)
-    ckpt.close()
-    exit_for_restart(pre, ctx)
+        preemption.report_committed(step, time.perf_counter() - t0, saved)
+    close()
+    exit_for_restart(preemption, ranks)
 
 
-def exit_for_restart(preemption: Preemption, ctx: Any) -> NoReturn:
+def exit_for_restart(preemption: Preemption, ranks: Ranks) -> NoReturn:
     """(all ranks, after the final save committed) requeue under SLURM, then exit.
 
     The chief requeues first and the other ranks wait for it in a barrier: a rank that exited
@@ -237,9 +229,9 @@ def exit_for_restart(preemption: Preemption, ctx: Any) -> NoReturn:
     ``KillWait``); the commit is already durable, so being killed from here on loses nothing.
     """
     job = under_slurm()
-    if job and preemption.requeue and ctx.is_chief:
+    if job and preemption.requeue and ranks.is_chief:
         _scontrol_requeue(job)
-    ctx.barrier()
+    ranks.barrier()
     log.info("preemption: exiting with code %d for a restart", preemption.exit_code)
     raise SystemExit(preemption.exit_code)
 

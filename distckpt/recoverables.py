@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .arena import aligned, local_part
 from .errors import IncompatibleCheckpointError
-from .staging import aligned, local_part
 from .tree import split
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any], Callable[[Any, Any], None]]] = {}
@@ -216,6 +216,51 @@ def make_adapter(obj: Any, hooks: dict[type, Any] | None = None) -> Adapter:
     )
 
 
+class Recoverables:
+    """A Checkpointer's recoverables by name, each behind its adapter; hooks registered on
+    the Checkpointer (``register_hooks``) take precedence over global ones."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[str, Adapter] = {}
+        self.hooks: dict[type, Any] = {}
+
+    def add(self, name: str, obj: Any) -> None:
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            raise ValueError(f"recoverable names must be non-empty strings without '.' or '/', got {name!r}")
+        self.adapters[name] = make_adapter(obj, self.hooks)
+        link_optimizers(self.adapters)
+
+    def register_hooks(self, cls: type, save: Callable[[Any], Any], load: Callable[[Any, Any], None]) -> None:
+        self.hooks[cls] = (save, load)
+        for name, adapter in list(self.adapters.items()):
+            if isinstance(adapter.value, cls):
+                self.add(name, adapter.value)
+
+    def values(self) -> dict[str, Any]:
+        return {n: a.value for n, a in self.adapters.items()}
+
+    def snapshot(self, full: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+        """(training thread, in save()) ``(skeletons, per-rank states, tensors)``: JSON
+        skeletons of the shared recoverables, per-rank states with their tensors inline,
+        and every shared tensor by its flattened name."""
+        skeletons, per_rank, tensors = {}, {}, {}
+        for name, adapter in self.adapters.items():
+            state = adapter.state(full)
+            if adapter.per_rank:
+                per_rank[name] = split(state, name, inline=True)[0]
+                continue
+            skeletons[name], found = split(state, name)
+            tensors.update(found)  # names start with the recoverable's own (dot-free) name: no clash
+        return skeletons, per_rank, tensors
+
+    def estimate_bytes(self, full: bool) -> int:
+        """Staging bytes the next save will need (per-rank states are inline JSON)."""
+        return sum(a.estimate_bytes(full) for a in self.adapters.values() if not a.per_rank)
+
+    def on_cuda(self) -> bool:
+        return any(a.on_cuda() for a in self.adapters.values())
+
+
 def link_optimizers(adapters: dict[str, Adapter]) -> None:
     """Tell each optimizer which recoverable module owns its parameters (FQN keys)."""
     modules = [a.obj for a in adapters.values() if isinstance(a, ModuleAdapter)]
@@ -228,7 +273,7 @@ def link_optimizers(adapters: dict[str, Adapter]) -> None:
 
 def _nbytes(t: torch.Tensor, full: bool) -> int:
     """Bytes ``t`` takes in a staging pool (each slice is aligned)."""
-    return aligned((t.numel() if full else local_part(t).numel()) * t.element_size())
+    return aligned((t.numel() if full else local_part(t).numel()) * t.dtype.itemsize)
 
 
 def _dry_run_state_bytes(optim: torch.optim.Optimizer, full: bool) -> int:

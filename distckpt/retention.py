@@ -1,22 +1,29 @@
-"""Which committed checkpoints to keep: ``Keep`` and the one-method ``RetentionPolicy``.
+"""Which committed checkpoints to keep: the one-method ``RetentionPolicy`` and ``Keep``.
 
-Retention runs on the chief only, after a commit (never before), and never removes the
-newest committed step. A failed delete is logged and skipped; the next commit retries.
+A policy only says what it would keep. ``preserved`` adds the rule every deletion obeys —
+never the newest committed step, nor one ``protect`` names (a step still uploading) — and
+``apply`` deletes the rest. Retention runs on the tier's owner (the chief, or a node's
+leader for its local disk), after a commit, never before; a failed delete is logged and
+retried after the next commit. ``distckpt gc`` plans with the same ``preserved``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .info import CheckpointInfo
+from .layout.catalog import Catalog, CheckpointInfo, metric_value
+from .log import log
 
 
 @runtime_checkable
 class RetentionPolicy(Protocol):
-    """``should_preserve(checkpoints)``: one bool per checkpoint (given oldest first)."""
+    """``should_preserve(checkpoints)``: one bool per checkpoint (given oldest first).
+
+    Called on the tier's owner after each commit (and by ``Checkpointer.delete`` and
+    ``distckpt gc``) with every committed checkpoint of the tier; it must not touch storage.
+    """
 
     def should_preserve(self, checkpoints: Sequence[CheckpointInfo]) -> list[bool]: ...
 
@@ -25,7 +32,7 @@ class RetentionPolicy(Protocol):
 class Keep:
     """Keep the union of: the newest ``last``; the ``best`` by ``meta[metric]``
     (``best_mode`` "min" or "max"); every step divisible by ``every_steps``.
-    The newest checkpoint is always kept. ``Keep()`` keeps everything.
+    ``Keep()`` keeps everything; like every policy, it never loses the newest checkpoint.
 
     Checkpoints whose meta lacks ``metric`` (or holds NaN) never count as best; they are
     kept only by the other rules.
@@ -56,11 +63,8 @@ class Keep:
         if self.keeps_all:
             return [True] * n
         keep = [False] * n
-        order = sorted(range(n), key=lambda i: checkpoints[i].step)
-        if order:
-            keep[order[-1]] = True
         if self.last is not None:
-            for i in order[-self.last :]:
+            for i in sorted(range(n), key=lambda i: checkpoints[i].step)[-self.last :]:
                 keep[i] = True
         if self.every_steps is not None:
             for i in range(n):
@@ -79,11 +83,30 @@ class Keep:
         return [i for _, _, i in sorted(scored)[: self.best]]
 
 
-def metric_value(value: Any) -> float | None:
-    """A meta value as a number to rank by, or None (missing, non-numeric, bool or NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(value) else float(value)
+def preserved(
+    policy: RetentionPolicy, infos: Sequence[CheckpointInfo], protect: Callable[[int], bool] = lambda s: False
+) -> list[bool]:
+    """``policy``'s choice plus the rule every deletion obeys: the newest committed step and
+    the steps ``protect`` names are kept whatever the policy says."""
+    if not infos:
+        return []
+    flags = policy.should_preserve(infos)
+    if len(flags) != len(infos):
+        raise ValueError(f"{policy!r}.should_preserve returned {len(flags)} flags for {len(infos)} checkpoints")
+    newest = max(c.step for c in infos)
+    return [bool(f) or c.step == newest or protect(c.step) for c, f in zip(infos, flags, strict=True)]
+
+
+def apply(policy: RetentionPolicy, catalog: Catalog, protect: Callable[[int], bool] = lambda s: False) -> list[int]:
+    """(the tier's owner) Delete what ``preserved`` does not keep; returns the deleted steps."""
+    infos = catalog.list()
+    doomed = [c.step for c, kept in zip(infos, preserved(policy, infos, protect), strict=True) if not kept]
+    deleted, failed = catalog.delete(doomed)
+    for step, e in failed.items():
+        log.warning("retention could not delete step %d (%s); will retry after the next save", step, e)
+    if deleted:
+        log.info("retention deleted steps %s", deleted)
+    return deleted
 
 
 def as_policy(keep: Any) -> RetentionPolicy:

@@ -1,14 +1,28 @@
+"""Fixtures for every layer, and the layer markers.
+
+Tests live in ``unit/`` (in-process, seconds), ``multirank/`` (real gloo ranks in separate
+processes) and ``system/`` (torchrun, SLURM, sshfs, S3 faults, the demo and the CLI as
+subprocesses); each test is marked with its folder's name, so ``./tests/run.sh -m unit``
+runs one layer. ``support/`` holds what they share.
+"""
+
 import logging
 import os
-import sys
 import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/harness.py, for spawned ranks too
-
 logging.getLogger("distckpt").setLevel(logging.INFO)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+LAYERS = ("unit", "multirank", "system")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        layer = os.path.basename(os.path.dirname(str(item.path)))
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 @pytest.fixture

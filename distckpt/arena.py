@@ -1,0 +1,154 @@
+"""Staging memory: exactly-sized byte buffers (arenas), sliced into one view per tensor.
+
+A save's tensors are laid out back to back in one arena, each slice ``ALIGN``-aligned;
+``ArenaPool`` keeps the arenas of one kind (host, pinned host, or GPU) and hands them out
+per save, so staging memory is allocated once and reused, never grown per save.
+DTensors contribute their local shard (``local_part``) and are dressed again as DTensors
+over their staged copy (``rewrap``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .log import log
+
+try:  # DTensor lives here from torch 2.4 on
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+ALIGN = 64  # bytes; keeps every slice aligned for vectorised copies and O_DIRECT-friendly
+_PAGE = 4096
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory this rank owns: a DTensor's local shard, else itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def rewrap(original: torch.Tensor, local_copy: torch.Tensor) -> torch.Tensor:
+    """``local_copy`` dressed as ``original`` (same DTensor mesh, placements, global shape)."""
+    if DTensor is not None and isinstance(original, DTensor):
+        return DTensor.from_local(
+            local_copy,
+            original.device_mesh,
+            original.placements,
+            run_check=False,
+            shape=original.shape,
+            stride=original.stride(),
+        )
+    return local_copy
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``ALIGN`` (each tensor's slice of a pool)."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
+    """Aligned byte offsets of every tensor's local data in one buffer, and the total."""
+    offsets, total = {}, 0
+    for fqn, t in tensors.items():
+        local = local_part(t)
+        offsets[fqn] = total
+        total += aligned(local.numel() * local.dtype.itemsize)
+    return offsets, total
+
+
+class Arena:
+    """One byte buffer, allocated once at its exact size (never rounded up to a power of
+    two as torch's caching pinned allocator does). Host arenas can be pinned in place with
+    ``cudaHostRegister`` so that device-to-host copies run at full PCIe speed."""
+
+    def __init__(self, nbytes: int, device: str = "cpu", pin: bool = False) -> None:
+        self.nbytes, self.device, self.pinned = max(int(nbytes), ALIGN), device, False
+        if device == "cpu":
+            # page-aligned and a whole number of pages, as cudaHostRegister wants
+            size = -(-self.nbytes // _PAGE) * _PAGE
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _PAGE
+            self.buf = raw[start : start + size]
+            self.buf.zero_()  # fault every page in now (multi-threaded), not on a save
+            if pin:
+                self.pinned = _register(self.buf)
+            self._np = self.buf.numpy()
+        else:
+            self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+            self._np = None
+
+    def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor shaped like ``like`` over ``[offset, offset + nbytes)``.
+
+        On the host its storage is exactly that slice (``torch.frombuffer``), so DCP's
+        writer neither clones it nor serialises the whole arena.
+        """
+        n = like.numel() * like.dtype.itemsize
+        if n == 0:
+            return torch.empty(like.shape, dtype=like.dtype)
+        if self._np is None:
+            raw = self.buf[offset : offset + n]
+        else:
+            raw = torch.frombuffer(self._np[offset : offset + n], dtype=torch.uint8)
+        return raw.view(like.dtype).view(like.shape)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.pinned = False
+
+
+def _register(buf: torch.Tensor) -> bool:
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    except Exception as e:  # noqa: BLE001 - pinning is an optimisation, never a failure
+        log.warning("could not pin the staging buffer (%s); device-to-host copies will be slower", e)
+        return False
+    ok = int(getattr(err, "value", err)) == 0
+    if not ok:
+        log.warning("cudaHostRegister failed (%s); device-to-host copies will be slower", err)
+    return ok
+
+
+class ArenaPool:
+    """Free arenas of one kind. A save takes one and gives it back after its write;
+    with ``max_in_flight`` saves pending, at most that many exist."""
+
+    def __init__(self, device: str, pin: bool) -> None:
+        self.device, self.pin = device, pin
+        self._free: list[Arena] = []
+        self._lock = threading.Lock()
+        self.capacity = 0
+
+    def take(self, nbytes: int) -> Arena:
+        with self._lock:
+            fits = [a for a in self._free if a.nbytes >= nbytes]
+            if fits:
+                arena = min(fits, key=lambda a: a.nbytes)
+                self._free.remove(arena)
+                return arena
+            stale = self._free.pop() if self._free else None
+        if stale is not None:
+            log.info("staging pool grows from %.3f to %.3f GB (the state grew)", stale.nbytes / 1e9, nbytes / 1e9)
+            self._drop(stale)
+        arena = Arena(nbytes, self.device, self.pin)
+        with self._lock:
+            self.capacity += arena.nbytes
+        return arena
+
+    def give(self, arena: Arena) -> None:
+        with self._lock:
+            self._free.append(arena)
+
+    def _drop(self, arena: Arena) -> None:
+        arena.close()
+        with self._lock:
+            self.capacity -= arena.nbytes
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for arena in free:
+            self._drop(arena)

@@ -1,0 +1,249 @@
+"""The restore path: choose -> check -> match -> load -> apply (README, "How it works").
+
+1. (chief) list committed steps on every tier, rank them by the request (``select``),
+   broadcast the list.
+2. (all ranks) check the first candidate: manifest, ``state.json``, and the files' sizes
+   (checksums with ``verify=True``), the files shared out between ranks; the verdicts are
+   all-gathered. If any rank found a problem, every rank logs it and moves to the next
+   candidate together - unless the step was asked for by number.
+3. (all ranks) match the checkpoint against the recoverables (names, keys, shapes) and
+   raise ``IncompatibleCheckpointError`` naming the key and both shapes on a mismatch.
+4. (all ranks) DCP loads the tensors in place (resharding to this world size), then each
+   recoverable gets its state back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .engine import Engine
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NoCheckpointError,
+    RemoteError,
+)
+from .layout.catalog import CheckpointInfo, check_selection, select
+from .layout.manifest import Manifest
+from .layout.tier import Tier, Tiers
+from .log import log
+from .ranks import Ranks
+from .recoverables import Adapter, ModuleAdapter
+from .topology import Topology
+from .tree import dtype_from_name, join, split, tensor_refs
+
+
+@dataclass
+class _Plan:
+    dest: dict[str, torch.Tensor] = field(default_factory=dict)
+    skip: set[str] = field(default_factory=set)
+    cast: list[str] = field(default_factory=list)
+
+
+class Restorer:
+    """Restores from the job's tiers (the fastest that holds a step first)."""
+
+    def __init__(self, ranks: Ranks, topology: Topology, tiers: Tiers, engine: Engine) -> None:
+        self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
+        self.url = tiers.primary.storage.url
+
+    def _candidates(
+        self, step: int | None, min_key: str | None, max_key: str | None, predicate: Any
+    ) -> list[tuple[int, list[str]]]:
+        """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
+        if step is None and min_key is None and max_key is None and predicate is None:
+            steps = self.tiers.committed_steps()  # damaged manifests included: they fail their check loudly
+        else:
+            steps = [i.step for i in select(self.tiers.list(), step, min_key, max_key, predicate)]
+        return [(s, self.tiers.holders(s)) for s in steps]
+
+    def restore(
+        self,
+        adapters: dict[str, Adapter],
+        *,
+        step: int | None,
+        min_key: str | None,
+        max_key: str | None,
+        predicate: Any,
+        verify: bool,
+        strict: bool,
+    ) -> CheckpointInfo | None:
+        ranks = self.ranks
+        check_selection(step, min_key, max_key)  # bad arguments raise before any collective
+        candidates = ranks.agree(
+            lambda: self._candidates(step, min_key, max_key, predicate) if ranks.is_chief else None,
+            "choosing a checkpoint to restore",
+        )[0]
+        if not candidates:
+            if step is not None:
+                raise NoCheckpointError(
+                    f"step {step} is not a committed checkpoint in {self.url}; see Checkpointer.list()"
+                )
+            log.info("no committed checkpoint in %s (matching the request); starting fresh", self.url)
+            return None
+        failures = []
+        for candidate, holders in candidates:
+            for name in holders:
+                tier = self.tiers.by_name[name]
+                try:
+                    man, state = self._check(tier, candidate, verify)
+                    return self._load(tier, adapters, candidate, man, state, strict)
+                except (CheckpointError, CorruptCheckpointError) as e:
+                    _raise_if_incompatible(e)
+                    failures.append(f"step {candidate} ({name}): {e}")
+                    log.warning(
+                        "step %d cannot be restored from the %s tier (%s); all ranks move on together",
+                        candidate,
+                        name,
+                        e,
+                    )
+            if step is not None:
+                raise CorruptCheckpointError(f"step {step} cannot be restored: {'; '.join(failures)}")
+        raise CorruptCheckpointError(
+            f"no committed checkpoint in {self.url} could be restored ({'; '.join(failures)}); "
+            "check the storage, or move the damaged step directories away to start fresh"
+        )
+
+    # --- 2. checking ------------------------------------------------------------------
+
+    def _check(self, tier: Tier, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
+        found: dict[str, Any] = {}
+
+        def check() -> None:
+            man = tier.catalog.read_manifest(step)
+            found["state"] = tier.catalog.read_state(step, man)
+            found["manifest"] = man
+            for name in self.topology.files_to_check(tier, man):
+                problem = tier.catalog.file_problem(step, man, name, verify=verify)
+                if problem is not None:
+                    raise CorruptCheckpointError(f"step {step}: {name}: {problem}")
+
+        self.ranks.agree(check, f"checking step {step}")
+        return found["manifest"], found["state"]
+
+    # --- 3 + 4. matching and loading ------------------------------------------------------
+
+    def _load(
+        self, tier: Tier, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
+    ) -> CheckpointInfo:
+        full = self.engine.full_state
+        saved = state.get("recoverables", {})
+        plan = self._plan(adapters, saved, state, strict, step)
+        if plan.cast:
+            log.warning(
+                "step %d: %d tensors will be cast to this model's dtypes, e.g. %s", step, len(plan.cast), plan.cast[:3]
+            )
+        stepdir = tier.catalog.step_path(step)
+        load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
+        contiguous = state.get("layout") == "contiguous"
+        self.ranks.agree(
+            lambda: self.engine.read(load, stepdir, tier.storage, self.ranks, contiguous), f"reading step {step}"
+        )
+
+        def apply() -> None:
+            for name, adapter in adapters.items():
+                if adapter.per_rank:
+                    self._apply_per_rank(name, adapter, state, man)
+                elif name in saved:
+                    restored = join(saved[name], plan.dest)
+                    if plan.skip and isinstance(restored, dict):
+                        restored = {k: v for k, v in restored.items() if f"{name}.{k}" not in plan.skip}
+                    adapter.load(restored, full, strict)
+
+        self.ranks.agree(apply, f"applying step {step}")
+        info = replace(tier.catalog.info(man), tier=tier.name)
+        log.info(
+            "restored step %d from %s (%s tier; saved by %d ranks in %s mode)",
+            step,
+            info.url,
+            tier.name,
+            man.world_size,
+            man.mode,
+        )
+        return info
+
+    def _plan(
+        self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int
+    ) -> _Plan:
+        """Every rank works out the same plan; mismatches raise on every rank together."""
+        result: dict[str, _Plan] = {}
+
+        def plan() -> None:
+            result["plan"] = self._match(adapters, saved, state, strict, step)
+
+        self.ranks.agree(plan, f"matching step {step} against the recoverables")
+        return result["plan"]
+
+    def _match(
+        self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int
+    ) -> _Plan:
+        table, per_rank = state.get("tensors", {}), state.get("per_rank", {})
+        absent = [n for n in adapters if n not in saved and n not in per_rank]
+        if absent and strict:
+            raise IncompatibleCheckpointError(
+                f"step {step} holds no {absent} (it has {sorted(saved) + sorted(per_rank)}); "
+                "pass strict=False to restore the rest"
+            )
+        out, problems = _Plan(), []
+        for name, adapter in adapters.items():
+            if adapter.per_rank or name not in saved:
+                continue
+            _, have = split(adapter.target(self.engine.full_state, saved[name]), name)
+            want = tensor_refs(saved[name])
+            for fqn in want:
+                spec = table.get(fqn)
+                if spec is None:
+                    raise CorruptCheckpointError(
+                        f"step {step}: state.json names tensor {fqn!r} that DCP metadata lacks"
+                    )
+                shape, dtype = tuple(spec["shape"]), dtype_from_name(spec["dtype"])
+                if fqn in have:
+                    if tuple(have[fqn].shape) != shape:
+                        problems.append(
+                            f"{fqn}: checkpoint has shape {list(shape)}, this job has {list(have[fqn].shape)}"
+                        )
+                    elif have[fqn].dtype != dtype:
+                        out.cast.append(fqn)
+                    out.dest[fqn] = have[fqn]
+                elif isinstance(adapter, ModuleAdapter):
+                    (problems.append(f"{fqn}: in the checkpoint but not in the model") if strict else out.skip.add(fqn))
+                    out.dest[fqn] = torch.empty(0)
+                else:
+                    out.dest[fqn] = torch.empty(shape, dtype=dtype)
+            missing = sorted(have.keys() - set(want))
+            if missing and strict:
+                problems.append(f"{name}: {len(missing)} keys not in the checkpoint, e.g. {missing[:5]}")
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"step {step} does not fit this job:\n  "
+                + "\n  ".join(problems[:20])
+                + "\nRestore into the model the checkpoint was saved from, or use distckpt.transfer() / strict=False"
+            )
+        return out
+
+    def _apply_per_rank(self, name: str, adapter: Adapter, state: dict[str, Any], man: Manifest) -> None:
+        ranks = state.get("per_rank", {}).get(name) or []
+        mine = ranks[self.ranks.rank] if self.ranks.rank < len(ranks) else None
+        if mine is None:
+            log.warning(
+                "%r was saved per rank by %d ranks; rank %d has no saved state and keeps its own",
+                name,
+                man.world_size,
+                self.ranks.rank,
+            )
+            return
+        adapter.load(join(mine, {}), self.engine.full_state, True)
+
+
+def _raise_if_incompatible(err: BaseException) -> None:
+    """A mismatch between checkpoint and job is not corruption: never fall back over it."""
+    errors = getattr(err, "errors", {}) or {}
+    for exc in errors.values():
+        if isinstance(exc, IncompatibleCheckpointError):
+            raise exc
+        if isinstance(exc, RemoteError) and exc.type_name == "IncompatibleCheckpointError":
+            raise IncompatibleCheckpointError(str(exc).split(": ", 1)[-1]) from err

@@ -1,0 +1,389 @@
+"""The save path, top to bottom (README, "How it works"). ``Saves`` is a Checkpointer's save side.
+
+``save(step, meta)``, on the training thread of every rank, in the same order:
+  1. wait: if ``max_in_flight`` saves are pending, wait for the oldest; re-raise an
+     earlier save's (or upload's) error, once.
+  2. stage: the recoverables' states are split into a JSON skeleton and tensors, and the
+     tensors are copied by the stager - the only part that blocks training.
+Then ``_run(job)`` on the save thread (``async_save``) or right away. Every phase is an
+``agree`` on the private ``"bg"`` gloo group: an error on any rank raises
+``CheckpointError`` on all of them, and the step is aborted, never half-committed.
+  3. prepare: (chief) the step must be new on every tier; the work directory is created.
+  4. write: (all ranks) this rank's files through DCP, checksummed as written; the file
+     records and per-rank states are all-gathered.
+  5. commit: (chief) ``state.json``, ``manifest.json``, lease check, atomic commit; with a
+     multi-node local tier, (node leaders) the same commit on each node's disk. Then the
+     upload to the primary tier is queued (local tier) and retention runs on the janitor
+     thread, never on the save path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from . import retention
+from .dcp import DCP_METADATA
+from .engine import Engine
+from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
+from .layout.catalog import CheckpointInfo, SaveStats
+from .layout.lease import Lease
+from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
+from .layout.tier import Tiers
+from .log import log
+from .ranks import Ranks
+from .recoverables import Recoverables
+from .retention import RetentionPolicy
+from .staging import HostStaged, Staged, Stager
+from .topology import Topology
+from .upload import Uploader
+
+
+class SaveHandle:
+    """One save in flight. ``wait()`` returns its ``CheckpointInfo`` or raises its error."""
+
+    def __init__(self, step: int, future: Future) -> None:
+        self.step = step
+        self._future = future
+        self.reported = False
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def failed(self) -> bool:
+        return self._future.done() and self._future.exception() is not None
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo:
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            self.reported = True
+            raise
+
+    def __repr__(self) -> str:
+        state = "failed" if self.failed() else "done" if self.done() else "pending"
+        return f"SaveHandle(step={self.step}, {state})"
+
+
+@dataclass
+class SaveJob:
+    """What the training thread hands to the save thread."""
+
+    step: int
+    meta: dict[str, Any]
+    skeletons: dict[str, Any] = field(default_factory=dict)
+    per_rank: dict[str, Any] = field(default_factory=dict)
+    staged: Staged = field(default_factory=lambda: HostStaged({}))
+    stall_s: float = 0.0
+    stage_s: float = 0.0
+    staging_bytes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    error: Exception | None = None  # raised on every rank at the first agreement
+
+
+@dataclass
+class Saves:
+    ranks: Ranks
+    topology: Topology
+    engine: Engine
+    stager: Stager
+    tiers: Tiers
+    recoverables: Recoverables
+    policy: RetentionPolicy
+    nonce: str  # the chief's, agreed at open: work directories never collide between jobs
+    async_save: bool = False
+    max_in_flight: int = 1
+    uploader: Uploader | None = None
+    lease: Lease | None = None
+
+    def __post_init__(self) -> None:
+        self.tier = self.tiers.first  # where saves are written and committed first
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: deque[SaveHandle] = deque()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save") if self.async_save else None
+        self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
+        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention")
+        self._janitor_job: Future | None = None
+
+    # --- 1 + 2: on the training thread ----------------------------------------------------
+
+    def save(self, step: int, meta: Mapping[str, Any] | None) -> SaveHandle:
+        t0 = time.perf_counter()
+        step, meta = check_step(step), check_meta(meta)
+        self._drain(self.max_in_flight - 1)
+        try:
+            job = self._snapshot(step, meta, t0)
+        except Exception as e:  # noqa: BLE001 - other ranks are heading into collectives:
+            job = SaveJob(step, meta, error=e)  # carry the error so that every rank raises it together
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(self._run(job))
+            except BaseException as e:
+                future.set_exception(e)
+            handle = SaveHandle(step, future)
+            handle.wait()  # a sync save raises right here, on every rank
+            return handle
+        handle = SaveHandle(step, self._executor.submit(self._run, job))
+        with self._lock:
+            self._pending.append(handle)
+        if job.staged.live:  # nothing was copied: the tensors must be written before we return
+            self._drain(0)
+        return handle
+
+    def _drain(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` saves are pending; raise the first unreported error."""
+        error: BaseException | None = None
+        while True:
+            with self._lock:
+                if len(self._pending) <= keep:
+                    break
+                handle = self._pending.popleft()
+            already_reported = handle.reported
+            try:
+                handle.wait()
+            except BaseException as e:
+                if not already_reported and error is None:
+                    error = e
+        if error is not None:
+            raise error
+        if self.uploader is not None:
+            self.uploader.check_errors()
+
+    def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> SaveJob:
+        skeletons, per_rank, tensors = self.recoverables.snapshot(self.engine.full_state)
+        t_stage = time.perf_counter()
+        staged = self.stager.stage(tensors) if self.engine.writes(self.ranks) else HostStaged({})
+        now = time.perf_counter()
+        return SaveJob(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self.stager.capacity, t0)
+
+    # --- 3-5: on the save thread -----------------------------------------------------------
+
+    def _run(self, job: SaveJob) -> CheckpointInfo:
+        """(all ranks, in save order) prepare, write, commit. Raises on every rank or none."""
+        ranks, tier, what = self.ranks, self.tier, f"step {job.step}"
+        nonce = f"{self.nonce}-{next(self._seq)}"
+        workdir = tier.commit.workdir(job.step, nonce)
+        with self._lock:
+            self.active.add(workdir)
+        try:
+            ranks.agree(lambda: self._prepare(job, workdir), f"preparing {what}", on="bg")
+            t_write = time.perf_counter()
+            results = ranks.agree(lambda: self._write(job, workdir), f"writing {what}", on="bg")
+            t_commit = time.perf_counter()
+            docs = ranks.agree(lambda: self._commit(job, workdir, results), f"committing {what}", on="bg")[0]
+            if self.topology.replicates_commit(tier):
+                ranks.agree(lambda: self._commit_node_copy(workdir, *docs), f"committing {what} on every node", on="bg")
+        except CheckpointError as e:
+            if self.topology.owns(tier):
+                tier.commit.abort(workdir)
+            self._raise_if_fenced(e)
+            raise
+        finally:
+            job.staged.release()
+            with self._lock:
+                self.active.discard(workdir)
+        manifest = Manifest.from_json(docs[0], "the manifest just written")
+        stats = self._stats(job, t_write, t_commit, results)
+        info = replace(tier.catalog.info(manifest), stats=stats, tier=tier.name)
+        _log_commit(info, stats)
+        if self.uploader is not None:
+            self.uploader.submit(manifest, nonce)
+        if self.topology.owns(tier):
+            self._janitor_job = self._janitor.submit(self._retain)
+        return info
+
+    def _prepare(self, job: SaveJob, workdir: str) -> None:
+        if job.error is not None:
+            raise job.error
+        if self.ranks.is_chief:
+            for tier in self.tiers.all:
+                if tier.catalog.is_committed(job.step):
+                    raise DistckptError(
+                        f"step {job.step} is already committed in {tier.storage.url}; save under a new step "
+                        "number or delete it first"
+                    )
+        if self.topology.prepares(self.tier, self.engine.writes(self.ranks)):
+            self.tier.commit.create_workdir(workdir)
+
+    def _write(self, job: SaveJob, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
+        tensors = job.staged.materialize()
+        try:
+            records, table = self.engine.write(tensors, workdir, self.tier.storage, self.ranks)
+        except (CheckpointError, OSError) as e:
+            explained = explain_storage_error(e, self.tier.storage.url, job.step)
+            if explained is e:
+                raise
+            raise explained from e
+        return records, table, job.per_rank
+
+    def _commit(self, job: SaveJob, workdir: str, results: list[Any]) -> tuple[bytes, bytes, bytes | None] | None:
+        """(chief) ``state.json`` and the manifest, then the atomic commit."""
+        if not self.ranks.is_chief:
+            return None
+        storage = self.tier.storage
+        state = {
+            "recoverables": job.skeletons,
+            "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
+            "tensors": results[0][1],
+            # staged copies are contiguous, which lets restore read raw bytes in place
+            "layout": "any" if job.staged.live else "contiguous",
+        }
+        data = json.dumps(state, allow_nan=True).encode()
+        storage.write_bytes(storage.join(workdir, STATE_FILE), data)
+        files = {rec.name: rec for records, _, _ in results for rec in records}
+        files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
+        manifest = Manifest(
+            step=job.step, world_size=self.ranks.world_size, mode=self.engine.mode, files=files, meta=job.meta
+        )
+        if self.lease is not None:
+            self.lease.check()  # fencing: never commit into a root another job has taken
+        metadata = None
+        if self.topology.replicates_commit(self.tier):  # other nodes' local tiers need a copy
+            metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA))
+        self.tier.commit.finish(workdir, manifest)
+        return manifest.to_json(), data, metadata
+
+    def _commit_node_copy(self, workdir: str, manifest_json: bytes, state_json: bytes, metadata: bytes | None) -> None:
+        """(node leaders other than the chief's) commit this node's share of the step locally."""
+        if not self.topology.commits_node_copy(self.tier):
+            return
+        storage = self.tier.storage
+        storage.write_bytes(storage.join(workdir, STATE_FILE), state_json)
+        if metadata is not None:
+            storage.write_bytes(storage.join(workdir, DCP_METADATA), metadata)
+        self.tier.commit.finish(workdir, Manifest.from_json(manifest_json, "the chief's manifest"))
+
+    def _raise_if_fenced(self, err: CheckpointError) -> None:
+        """(chief) A failed save in a root another job has taken over fails for that reason:
+        the new holder removes this job's unfinished work, so say so rather than report the
+        missing files."""
+        if self.lease is None or any(isinstance(e, CommitError) for e in err.errors.values()):
+            return
+        try:
+            self.lease.check()
+        except CommitError as fenced:
+            raise CheckpointError(err.message, {self.ranks.rank: fenced}) from err
+        except OSError:
+            pass
+
+    def _stats(self, job: SaveJob, t_write: float, t_commit: float, results: list[Any]) -> SaveStats:
+        end = time.perf_counter()
+        return SaveStats(
+            stall_s=job.stall_s,
+            stage_s=job.stage_s,
+            write_s=t_commit - t_write,
+            commit_s=end - t_commit,
+            total_s=end - job.started,
+            bytes_written=sum(r.size for r in results[self.ranks.rank][0]),
+            staging_bytes=job.staging_bytes,
+        )
+
+    # --- after the commit ------------------------------------------------------------------
+
+    def _retain(self) -> None:
+        """(the tier's owner, janitor thread) retention and leftovers; never raises."""
+        try:
+            if self.uploader is not None:
+                self.uploader.prune_local()  # the primary's retention follows each upload
+            else:
+                retention.apply(self.policy, self.tier.catalog)
+            self.tier.catalog.clean_leftovers(self._active_now)
+        except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
+            log.warning("retention after commit failed (%s); it will be retried after the next save", e)
+
+    def _active_now(self) -> set[str]:
+        with self._lock:
+            return set(self.active)
+
+    def final_save(self, step: int, meta: Mapping[str, Any] | None) -> tuple[bool, bool]:
+        """(all ranks) The save before a preemption exit: wait for saves in flight (their
+        error is logged: it was an earlier step's), then save ``step`` and wait for its
+        commit unless the chief finds it committed. Returns ``(saved, already_committed)``;
+        a failure is logged, never raised: the job exits for its restart regardless."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - the final save matters more
+            log.error("preemption: an earlier save failed (%s); making the final save anyway", e)
+        step = check_step(step)
+        done = self.ranks.agree(lambda: self.ranks.is_chief and self.tiers.is_committed(step), f"checking step {step}")
+        if done[0]:
+            return False, True
+        try:
+            self.save(step, meta).wait()
+            return True, False
+        except Exception as e:  # noqa: BLE001
+            log.error("preemption: the final save of step %d failed (%s); the job resumes from an older step", step, e)
+            return False, False
+
+    def wait(self) -> None:
+        """Every pending save committed (and uploaded); a failure raised once."""
+        self._drain(0)
+        if self.uploader is not None:
+            self.uploader.wait()
+        self.settle()
+
+    def settle(self) -> None:
+        """Let the retention that follows the last commit finish (it never raises)."""
+        job = self._janitor_job
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """After ``wait``: stop the threads and free the staging memory."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self.uploader is not None:
+            self.uploader.close()
+        self._janitor.shutdown(wait=True)
+        self.stager.close()
+
+
+def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:
+    log.info(
+        "step %d committed (%s): stall %.3fs, write %.3fs (%.2f GB/s), commit %.3fs, %d bytes on this rank",
+        info.step,
+        info.tier,
+        s.stall_s,
+        s.write_s,
+        s.write_gbps,
+        s.commit_s,
+        s.bytes_written,
+    )
+
+
+def check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        try:
+            step = int(step.__index__())
+        except (AttributeError, TypeError):
+            raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+    if not 0 <= step < 10**12:
+        raise ValueError(f"step must be in [0, 1e12), got {step}")
+    return step
+
+
+def check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Meta must be JSON; 0-d tensors and numpy scalars are turned into numbers."""
+    out = {}
+    for key, value in (meta or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"meta keys must be str, got {key!r}")
+        if isinstance(value, torch.Tensor) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+            value = value.item()
+        try:
+            json.dumps(value, allow_nan=True)
+        except TypeError as e:
+            raise TypeError(f"meta[{key!r}] must be JSON-serialisable: {e}") from None
+        out[key] = value
+    return out

@@ -1,0 +1,67 @@
+"""The save benchmark runs end to end on CPU (a small state) and reports honestly."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.support import REPO
+
+
+
+def test_save_bench_smoke_on_cpu(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.save_bench",
+        "--device",
+        "cpu",
+        "--size-gb",
+        "0.02",
+        "--repeats",
+        "2",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    assert {"torch.save", "dcp.save", "dcp.async_save", "distckpt sync", "distckpt async"} <= set(methods)
+    for name, m in methods.items():
+        assert m["bit_exact"] is True, name
+        assert len(m["saves"]) == 2 and all(s["total"] >= s["stall"] > 0 for s in m["saves"]), name
+    ours = methods["distckpt async"]
+    assert ours["staging_bytes"] >= ours["state_bytes"] and ours["restore_verified"] > 0
+    assert results["ceilings"]["disk_write_fsync_gbps"] > 0 and results["ceilings"]["stage_gbps"] > 0
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best competitor" in proc.stdout and "distckpt async" in proc.stdout
+
+
+def test_storage_bench_reports_gbps_for_every_backend(tmp_path):
+    out = tmp_path / "storage"
+    cmd = [sys.executable, "-m", "benchmarks.storage_bench", "--size-gb", "0.01", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    backends = json.loads((out / "storage.json").read_text())["backends"]
+    assert set(backends) == {"local disk", "s3", "local tier + s3"}
+    for name, r in backends.items():
+        assert r["save_gbps"] > 0 and r["restore_gbps"] > 0, name
+    assert backends["local tier + s3"]["upload_gbps"] > 0 and backends["local tier + s3"]["restore_remote_gbps"] > 0
+    assert (out / "storage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cli_bench_command_runs_the_save_benchmark(tmp_path):
+    out = tmp_path / "cli-bench"
+    cmd = [sys.executable, "-m", "distckpt", "bench", "--size-gb", "0.01", "--repeats", "2"]
+    cmd += ["--methods", "torch.save,distckpt async", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"torch.save", "distckpt async"}
+    assert results["meta"]["device"] == "cpu"  # the CLI picks cpu where no GPU is present
+    assert all(m["bit_exact"] for m in results["methods"].values())
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
