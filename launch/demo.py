@@ -75,16 +75,18 @@ def run_and_kill(cmd: list[str], ckpt_dir: str, kill_after: int, log_path: str) 
                 sys.exit("timed out waiting for a checkpoint")
             time.sleep(0.05)
         time.sleep(0.3)  # land somewhere inside the next steps, possibly mid-save
-        kill_tree(proc.pid)  # torchrun and all its workers at once, no goodbye
-        proc.wait()
-    print(f"  killed with SIGKILL (exit {proc.returncode}); committed steps on disk: {committed(ckpt_dir)}")
+        status = kill_tree(proc.pid)  # torchrun and all its workers at once, no goodbye
+        proc.wait()  # already reaped by kill_tree: its status is the one that counts
+    print(f"  killed with SIGKILL (exit {status}); committed steps on disk: {committed(ckpt_dir)}")
     leftovers = [n for n in os.listdir(ckpt_dir) if n.startswith(".tmp-")]
     if leftovers:
         print(f"  uncommitted leftovers (never listed, cleaned on restart): {leftovers}")
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun's workers run in their own sessions)."""
+def kill_tree(pid: int) -> int | None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in their own sessions).
+    Returns the process's exit status as ``Popen`` reports it (``-9`` when the kill took),
+    which psutil reaps here before ``Popen.wait`` could see it."""
     root = psutil.Process(pid)
     procs = root.children(recursive=True) + [root]
     for proc in procs:
@@ -92,7 +94,8 @@ def kill_tree(pid: int) -> None:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    gone, _ = psutil.wait_procs(procs, timeout=30)
+    return next((int(p.returncode) for p in gone if p.pid == pid and p.returncode is not None), None)
 
 
 def _indent(text: str) -> str:

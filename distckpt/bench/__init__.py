@@ -2,7 +2,7 @@
 
 ``save`` (the save/restore benchmark against torch.save and DCP; its contenders and the
 machine's ceilings are in ``methods``) and ``storage`` (throughput per storage backend).
-They use the public API only; matplotlib and psutil come with ``distckpt[bench]``.
+They use the public API (plus one wait for the staging pool's reserve); matplotlib and psutil come with ``distckpt[bench]``.
 """
 
 

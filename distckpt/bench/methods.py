@@ -178,8 +178,8 @@ def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True,
         root, {"state": state}, async_save=async_save, stager=stager, write_threads=threads, keep=distckpt.Keep(last=1)
     )
     construct = time.perf_counter() - t0
-    waiter = getattr(ckpt._stager, "_wait_reserved", lambda: None)
-    waiter()  # a training job builds its Checkpointer long before the first save
+    # a training job builds its Checkpointer long before the first save (the one private reach)
+    getattr(ckpt._parts.saves.stager, "wait_reserved", lambda: None)()
     reserve = time.perf_counter() - t0
     saves = []
     for step in range(1, repeats + 1):
@@ -190,7 +190,7 @@ def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True,
         saves.append(
             {"stall": stall, "total": time.perf_counter() - t0, "stats": info.stats.as_dict() if info.stats else {}}
         )
-    staging = ckpt._stager.capacity
+    staging = saves[-1]["stats"].get("staging_bytes", 0)
     ckpt.close()
     peak = rss.mark()
     out = {

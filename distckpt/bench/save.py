@@ -246,20 +246,24 @@ def targets(results: dict[str, Any]) -> list[str]:
             ours["gbps_steady"] >= 0.9 * disk,
             f"{ours['gbps_steady']:.2f} vs {disk:.2f} GB/s",
         )
+    if ours:
+        _restore_and_memory_targets(results, summ, ours, check)
+    return out
+
+
+def _restore_and_memory_targets(
+    results: dict[str, Any], summ: dict[str, Any], ours: dict[str, Any], check: Any
+) -> None:
     dl = summ.get("dcp.save", {}).get("restore")
-    if ours and dl:
+    if dl:
         check(
             "restore >= 5x faster than dcp.load",
             dl / ours["restore"] >= 5,
             f"{dl / ours['restore']:.1f}x ({ours['restore']:.2f}s vs {dl:.2f}s)",
         )
-    if ours:
-        staging = (
-            results["methods"]["distckpt async"].get("staging_bytes", 0)
-            / results["methods"]["distckpt async"]["state_bytes"]
-        )
-        check("staging memory <= 1.1x the state", staging <= 1.1, f"{staging:.3f}x")
-    return out
+    ran = results["methods"]["distckpt async"]
+    staging = ran.get("staging_bytes", 0) / ran["state_bytes"]
+    check("staging memory <= 1.1x the state", staging <= 1.1, f"{staging:.3f}x")
 
 
 def chart(results: dict[str, Any], path: str) -> None:

@@ -145,3 +145,22 @@ def test_async_saves_overlap_training_collectives_and_snapshot_at_call(root):
     out = run_ranks(_async_with_training_collectives, 2, root, timeout=120)
     assert [ok for ok, _ in out] == [[True] * 3, [True] * 3]
     assert [threads for _, threads in out] == [[], []]  # close() leaves no distckpt thread behind
+
+
+def _save_restore(rank, world, root):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ckpt = distckpt.Checkpointer(root, {"model": model, "n": rank})
+    ckpt.save(1)
+    with torch.no_grad():
+        model.weight.add_(1)
+    ckpt.restore()
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    return torch.equal(model.weight, ref.weight), sorted(os.listdir(os.path.join(root, "step_000000000001")))
+
+
+def test_two_ranks_save_and_restore_a_plain_module(root):
+    out = run_ranks(_save_restore, 2, root)
+    assert all(ok for ok, _ in out)
+    assert "manifest.json" in out[0][1]

@@ -1,0 +1,91 @@
+"""The ``Engine`` and ``Stager`` contracts, in one process (their multi-rank side is in
+``tests/multirank/test_ranks_contract.py``). A new engine or stager joins by adding a case
+to its fixture.
+
+Engine: what ``write`` returns describes the files on storage exactly (sizes and XXH3
+checksums computed as written, never read back), the chief's table names every tensor's
+global shape and dtype, the folder is plain DCP, and ``read`` fills tensors in place.
+Stager: ``stage`` is a snapshot (the caller may change its tensors right away) unless it
+says ``live``; ``release`` returns the memory, which the next save reuses.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from distckpt.engine import ENGINES, make_engine
+from distckpt.layout.manifest import checksum_stream
+from distckpt.ranks import RankContext
+from distckpt.staging import DeviceSnapshotStager, DirectStager, PoolStager
+from distckpt.storage import open_storage
+
+STAGERS = {
+    "host": lambda: PoolStager(pin=False),
+    "pinned": lambda: PoolStager(pin=True),
+    "gpu": lambda: DeviceSnapshotStager(),
+    "direct": lambda: DirectStager(),
+}
+NEEDS_CUDA = {"pinned", "gpu"}
+
+
+def _state(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.w": torch.randn(64, 32, generator=g).to(device),
+        "model.b": torch.randn(32, generator=g).to(device, torch.bfloat16),
+        "optim.step": torch.tensor(3.0).to(device),
+        "optim.ids": torch.arange(10).to(device),
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(ENGINES))
+def test_engine_writes_what_it_reports_and_reads_it_back(mode, tmp_path):
+    engine, ranks = make_engine(mode, write_threads=2), RankContext()
+    storage = open_storage(str(tmp_path))
+    workdir = storage.join(storage.root, "step")
+    storage.makedirs(workdir)
+    state = _state()
+    assert engine.writes(ranks)  # a single rank is the chief, and writes in every mode
+    records, table = engine.write(state, workdir, storage, ranks)
+    assert {r.name for r in records} == set(os.listdir(workdir))
+    for rec in records:
+        with open(os.path.join(workdir, rec.name), "rb") as f:
+            assert checksum_stream(f) == (rec.size, rec.checksum)
+    assert table == {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()}
+    for contiguous in (False, True):  # DCP's own reader, and the raw fast path
+        back = {k: torch.zeros_like(v) for k, v in state.items()}
+        engine.read(back, workdir, storage, ranks, contiguous)
+        assert all(torch.equal(back[k], state[k]) for k in state)
+    plain = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(plain, checkpoint_id=workdir)  # a plain DCP folder
+    assert all(torch.equal(plain[k], state[k]) for k in state)
+
+
+@pytest.fixture(params=sorted(STAGERS))
+def stager_kind(request):
+    if request.param in NEEDS_CUDA and not torch.cuda.is_available():
+        pytest.skip("CUDA-only stager")
+    return request.param
+
+
+def test_stage_is_a_snapshot_and_memory_is_reused(stager_kind):
+    device = "cuda" if stager_kind in NEEDS_CUDA else "cpu"
+    stager, state = STAGERS[stager_kind](), _state(device)
+    original = {k: v.clone() for k, v in state.items()}
+    stager.reserve(sum(v.numel() * v.element_size() for v in state.values()))
+    capacities = []
+    for _ in range(3):
+        staged = stager.stage(state)
+        for v in state.values():
+            v.add_(1)  # training goes on right after save() returns
+        written = staged.materialize()
+        expect = state if staged.live else original
+        assert staged.live == (stager_kind == "direct")
+        assert all(torch.equal(written[k].cpu(), expect[k].cpu()) for k in state)
+        staged.release()
+        capacities.append(stager.capacity)
+        original = {k: v.clone() for k, v in state.items()}
+    assert len(set(capacities)) == 1  # reserved once, reused by every save
+    stager.close()
