@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -16,11 +15,9 @@ import distckpt
 from distckpt import Checkpointer
 from distckpt.arena import ALIGN
 from distckpt.staging import DirectStager, PoolStager
-
 from tests.support import REPO
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
-
 
 
 def test_tensors_changed_right_after_save_are_not_in_the_checkpoint(root):

@@ -9,7 +9,6 @@ import torch
 
 import distckpt
 from distckpt import Checkpointer, Keep
-
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 

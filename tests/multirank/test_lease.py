@@ -13,9 +13,7 @@ import torch
 
 from distckpt import Checkpointer, CheckpointError, DistckptError
 from distckpt.layout.lease import LOCK
-
 from tests.support import REPO
-
 
 HOLDER = textwrap.dedent("""
     import json, sys, time, torch, distckpt

@@ -10,7 +10,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distckpt
 from distckpt import Checkpointer
-
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 

@@ -8,7 +8,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from distckpt import Checkpointer
-
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 

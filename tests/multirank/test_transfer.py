@@ -13,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distckpt
 from distckpt.tools.export import export
-
 from tests.support.cli_jobs import VAL_LOSS, WIDTH, shared_checkpoints
 from tests.support.harness import run_ranks
 from tests.support.models import make_model, tensors_equal

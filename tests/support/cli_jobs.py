@@ -14,7 +14,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distckpt import Checkpointer
-
 from tests.support import REPO
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, train

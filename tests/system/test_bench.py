@@ -1,12 +1,10 @@
 """The save benchmark runs end to end on CPU (a small state) and reports honestly."""
 
 import json
-import os
 import subprocess
 import sys
 
 from tests.support import REPO
-
 
 
 def test_save_bench_smoke_on_cpu(tmp_path):

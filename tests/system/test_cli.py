@@ -15,7 +15,6 @@ import torch
 
 import distckpt
 from distckpt.layout.manifest import checksum_bytes
-
 from tests.support.cli_jobs import VAL_LOSS, WIDTH, Store, cli, fsdp_job, one_line_error, shared_checkpoints
 from tests.support.harness import run_ranks
 from tests.support.models import make_model, tensors_equal

@@ -12,7 +12,6 @@ import time
 import torch
 
 from distckpt import Checkpointer, Keep
-
 from tests.support.harness import _context
 
 SHAPES = [(256, 1024), (1024,), (512, 512), (3, 7, 11), (64, 64)]

@@ -9,7 +9,6 @@ import pytest
 from tests.support import REPO
 
 
-
 @pytest.mark.parametrize(
     "extra", [[], ["--mode", "chief", "--async-save", "--save-every", "7"]], ids=["sharded", "chief-async"]
 )

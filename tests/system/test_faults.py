@@ -9,7 +9,6 @@ import torch
 
 from distckpt import Checkpointer, CheckpointError
 from distckpt.layout.lease import LOCK
-
 from tests.support.faults import FaultProxy, SmallDisk
 from tests.support.harness import run_ranks
 

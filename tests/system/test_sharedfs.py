@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from distckpt import Checkpointer, Keep
-
 from tests.support.harness import run_ranks
 from tests.support.sharedfs import SharedFS
 

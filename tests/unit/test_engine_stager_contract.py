@@ -53,7 +53,9 @@ def test_engine_writes_what_it_reports_and_reads_it_back(mode, tmp_path):
     for rec in records:
         with open(os.path.join(workdir, rec.name), "rb") as f:
             assert checksum_stream(f) == (rec.size, rec.checksum)
-    assert table == {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()}
+    assert table == {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
+    }
     for contiguous in (False, True):  # DCP's own reader, and the raw fast path
         back = {k: torch.zeros_like(v) for k, v in state.items()}
         engine.read(back, workdir, storage, ranks, contiguous)

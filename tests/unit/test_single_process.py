@@ -10,7 +10,6 @@ import torch.distributed.checkpoint as dcp
 
 import distckpt
 from distckpt import Checkpointer, IncompatibleCheckpointError, Keep, NoCheckpointError
-
 from tests.support.models import clone_state, make_training, tensors_equal, train
 
 
