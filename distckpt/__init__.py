@@ -36,16 +36,41 @@ from .errors import (
 )
 from .layout.catalog import CheckpointInfo, SaveStats
 from .preemption import Preemption
-from .recoverables import register_hooks
+from .recoverables import mark_as_loader, mark_as_saver, register_checkpoint_hooks, register_hooks
 from .resumable import ResumableSampler, RNGState
-from .retention import Keep, RetentionPolicy
+from .retention import (
+    Among,
+    Keep,
+    KeepAll,
+    KeepAny,
+    KeepBest,
+    KeepEvery,
+    KeepEverySteps,
+    KeepIf,
+    KeepLast,
+    KeepNewerThan,
+    RetentionPolicy,
+)
 from .save import SaveHandle
+from .schedule import (
+    SaveAny,
+    SaveAt,
+    SaveContext,
+    SaveContinuously,
+    SaveDenseEarly,
+    SaveEverySeconds,
+    SaveEverySteps,
+    SaveInitial,
+    SaveOnPreemption,
+    SavePolicy,
+)
 from .tools.reader import CheckpointReader, open
 from .tools.transfer import TransferReport, transfer
 
 _moved.install()
 
 __all__ = [
+    "Among",
     "Checkpointer",
     "CheckpointError",
     "CheckpointInfo",
@@ -55,16 +80,37 @@ __all__ = [
     "DistckptError",
     "IncompatibleCheckpointError",
     "Keep",
+    "KeepAll",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepEverySteps",
+    "KeepIf",
+    "KeepLast",
+    "KeepNewerThan",
+    "mark_as_loader",
+    "mark_as_saver",
     "NoCheckpointError",
+    "open",
     "Preemption",
-    "RNGState",
+    "register_checkpoint_hooks",
+    "register_hooks",
     "ResumableSampler",
     "RetentionPolicy",
+    "RNGState",
+    "SaveAny",
+    "SaveAt",
+    "SaveContext",
+    "SaveContinuously",
+    "SaveDenseEarly",
+    "SaveEverySeconds",
+    "SaveEverySteps",
     "SaveHandle",
+    "SaveInitial",
+    "SaveOnPreemption",
+    "SavePolicy",
     "SaveStats",
-    "TransferReport",
-    "open",
-    "register_hooks",
     "transfer",
+    "TransferReport",
     "__version__",
 ]

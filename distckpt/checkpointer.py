@@ -21,6 +21,7 @@ from .engine import Engine, make_engine
 from .errors import DistckptError
 from .layout.catalog import CheckpointInfo, select
 from .layout.lease import Lease
+from .layout.pointer import Pointers
 from .layout.tier import Tier, Tiers
 from .log import log
 from .options import Options
@@ -29,6 +30,7 @@ from .ranks import RankContext
 from .recoverables import Recoverables
 from .restore import Restorer
 from .save import SaveHandle, Saves, check_step
+from .schedule import Scheduler
 from .staging import make_stager
 from .topology import Topology, open_tiers
 from .upload import Uploader
@@ -61,6 +63,10 @@ class Checkpointer:
         read_only: restore and list only; takes no lease, cleans nothing, cannot save.
         preemption: ``True`` or a ``Preemption``: SIGTERM/SIGUSR1 handlers (installed from
             the main thread) for ``should_stop``/``save_and_exit``.
+        save_policy: when ``maybe_save``/``should_save`` save: a ``SavePolicy`` such as
+            ``SaveEverySteps(500) | SaveEverySeconds(1800)``, or an int (every N steps).
+        best: what ``best.json`` points at: a meta key (minimised) or a ``KeepBest``;
+            by default the best-K rule of ``keep``, if it has one.
     """
 
     def __init__(
@@ -82,6 +88,8 @@ class Checkpointer:
         staging_budget: int | None = None,
         read_only: bool = False,
         preemption: bool | Preemption | None = None,
+        save_policy: Any = None,
+        best: Any = None,
     ) -> None:
         opts = Options(
             url=url,
@@ -99,6 +107,8 @@ class Checkpointer:
             staging_budget=staging_budget,
             read_only=read_only,
             preemption=preemption,  # type: ignore[arg-type]
+            save_policy=save_policy,
+            best=best,
         )
         self._recs = Recoverables()
         for name, obj in (recoverables or {}).items():
@@ -144,14 +154,36 @@ class Checkpointer:
 
     # --- saving ---------------------------------------------------------------------
 
-    def save(self, step: int, meta: Mapping[str, Any] | None = None) -> SaveHandle:
+    def save(self, step: int, meta: Mapping[str, Any] | None = None, *, end_of_epoch: bool | None = None) -> SaveHandle:
         """Snapshot every recoverable as ``step`` and commit it (in the background with
         ``async_save``). Returns once tensors are staged; the caller may then change them.
-        Raises the error of an earlier failed save or upload, once."""
+        Raises the error of an earlier failed save or upload, once. ``end_of_epoch`` is kept
+        in the meta (SpeechBrain's end-of-epoch vs intra-epoch checkpoints) and handed to
+        loaders marked with ``mark_as_loader`` on restore. ``meta={"keep": True}`` makes the
+        step a milestone that retention never deletes."""
         self._check_open()
         if self._opts.read_only:
             raise DistckptError("this Checkpointer was opened with read_only=True and cannot save")
-        return self._parts.saves.save(step, meta)
+        handle = self._parts.saves.save(step, meta, end_of_epoch)
+        self._parts.scheduler.saved(handle.step)
+        return handle
+
+    def should_save(self, step: int) -> bool:
+        """(all ranks, same steps) Whether ``save_policy`` says to save at ``step``: the same
+        answer on every rank (a time-based policy is decided by the chief and shared: one
+        small collective per call). ``False`` without a ``save_policy``."""
+        self._check_open()
+        preempted = self._opts.preemption is not None and self._opts.preemption.stop_step is not None
+        return self._parts.scheduler.should_save(check_step(step), self._parts.saves.busy, preempted)
+
+    def maybe_save(
+        self, step: int, meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    ) -> SaveHandle | None:
+        """``save(step, meta)`` when ``should_save(step)``; ``meta`` may be a callable, called
+        only then (a validation pass, say). Returns the handle, or ``None``."""
+        if not self.should_save(step):
+            return None
+        return self.save(step, meta() if callable(meta) else meta)
 
     def wait(self) -> None:
         """Block until every pending save is committed (and uploaded, with a local tier);
@@ -198,9 +230,10 @@ class Checkpointer:
         min_key: str | None = None,
         max_key: str | None = None,
         predicate: Callable[[CheckpointInfo], bool] | None = None,
+        importance_key: Callable[[CheckpointInfo], Any] | None = None,
     ) -> CheckpointInfo | None:
         """The committed checkpoint ``restore`` would pick with the same arguments (local read)."""
-        ranked = select(self.list(), None, min_key, max_key, predicate)
+        ranked = select(self.list(), None, min_key, max_key, predicate, importance_key)
         return ranked[0] if ranked else None
 
     def restore(
@@ -210,13 +243,15 @@ class Checkpointer:
         min_key: str | None = None,
         max_key: str | None = None,
         predicate: Callable[[CheckpointInfo], bool] | None = None,
+        importance_key: Callable[[CheckpointInfo], Any] | None = None,
         verify: bool = True,
         strict: bool = True,
     ) -> CheckpointInfo | None:
         """Restore every recoverable, on every rank, from one agreed committed step.
 
         Without arguments: the newest. ``step=``: exactly that one. ``min_key=``/``max_key=``:
-        the best by a meta value. ``predicate=``: newest for which it is true. A step that
+        the best by a meta value. ``importance_key=``: the highest ``importance_key(info)``
+        (SpeechBrain's). ``predicate=``: only steps for which it is true. A step that
         any rank cannot read is skipped (all ranks move together to the next candidate,
         with a warning) unless it was asked for by number. ``verify`` (default on) checks every
         file's checksum as well as its size; ``verify=False`` trusts sizes alone. With a local
@@ -225,24 +260,31 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        return self._parts.restorer.restore(
+        info = self._parts.restorer.restore(
             self._recs.adapters,
+            verify=verify,
+            strict=strict,
             step=step,
             min_key=min_key,
             max_key=max_key,
             predicate=predicate,
-            verify=verify,
-            strict=strict,
+            importance_key=importance_key,
         )
+        self._parts.scheduler.restored(info.step if info else None)
+        return info
 
-    def delete(self, keep: Any = None) -> list[int]:
-        """Apply ``keep`` (or this Checkpointer's policy) now. Only the chief touches storage."""
+    def delete(self, keep: Any = None, *, predicate: Callable[[CheckpointInfo], bool] | None = None) -> list[int]:
+        """Apply ``keep`` (or this Checkpointer's policy) now; with ``predicate``, only among
+        the checkpoints it selects (``Among``). The newest step and milestones are never
+        deleted. Only the chief touches storage; returns the deleted steps."""
         self._check_open()
         self.wait()
         if not self._parts.ranks.is_chief:
             return []
         policy = retention.as_policy(keep) if keep is not None else self._opts.policy
-        return retention.apply(policy, self._parts.tiers.primary.catalog)
+        if predicate is not None:
+            policy = retention.Among(predicate, policy)
+        return retention.apply(policy, self._parts.tiers.primary.catalog, pointers=self._parts.pointers)
 
     # --- preemption (see preemption.py for the whole sequence) ------------------------
 
@@ -287,6 +329,8 @@ class _Parts:
     saves: Saves
     restorer: Restorer
     lease: Lease | None
+    scheduler: Scheduler
+    pointers: Pointers | None
 
     @classmethod
     def build(cls, opts: Options, recs: Recoverables) -> _Parts:
@@ -305,6 +349,8 @@ class _Parts:
         if engine.writes(ranks):
             stager.reserve(nbytes)
         nonce, lease = open_tiers(ranks, topology, tiers, opts.read_only)
+        best = opts.best.rank if opts.best is not None else None
+        pointers = Pointers(tiers.primary.catalog, best) if ranks.is_chief and not opts.read_only else None
         uploader = None
         if local is not None:
             uploader = Uploader(
@@ -316,6 +362,7 @@ class _Parts:
                 local_keep=opts.local_keep,
                 check_lease=lease.check if lease is not None else lambda: None,
                 threads=opts.write_threads,
+                pointers=pointers,
             )
         saves = Saves(
             ranks,
@@ -330,8 +377,10 @@ class _Parts:
             max_in_flight=opts.max_in_flight,
             uploader=uploader,
             lease=lease,
+            pointers=pointers if uploader is None else None,
         )
-        return cls(ranks, engine, tiers, saves, Restorer(ranks, topology, tiers, engine), lease)
+        scheduler = Scheduler(opts.save_policy, ranks)
+        return cls(ranks, engine, tiers, saves, Restorer(ranks, topology, tiers, engine), lease, scheduler, pointers)
 
     def close(self) -> None:
         try:

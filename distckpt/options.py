@@ -12,7 +12,8 @@ from typing import Any
 
 from .engine import ENGINES
 from .preemption import Preemption, as_preemption
-from .retention import RetentionPolicy, as_policy
+from .retention import RetentionPolicy, as_policy, best_ranking
+from .schedule import as_save_policy
 from .staging import STAGERS
 
 
@@ -33,6 +34,8 @@ class Options:
     staging_budget: int | None = None
     read_only: bool = False
     preemption: Preemption | None = None
+    save_policy: Any = None
+    best: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in ENGINES:
@@ -49,6 +52,8 @@ class Options:
             raise ValueError(f"staging_budget must be a number of bytes >= 0, got {self.staging_budget!r}")
         object.__setattr__(self, "keep", as_policy(self.keep))
         object.__setattr__(self, "preemption", as_preemption(self.preemption))
+        object.__setattr__(self, "save_policy", as_save_policy(self.save_policy))
+        object.__setattr__(self, "best", best_ranking(self.best, self.policy))
 
     @property
     def policy(self) -> RetentionPolicy:

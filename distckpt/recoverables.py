@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +45,55 @@ def register_hooks(cls: type, *, save: Callable[[Any], Any], load: Callable[[Any
     if not isinstance(cls, type) or not callable(save) or not callable(load):
         raise TypeError("register_hooks(cls, save=callable, load=callable)")
     _HOOKS[cls] = (save, load)
+
+
+_SAVER, _LOADER = "_distckpt_saver", "_distckpt_loader"
+_RESTORING: ContextVar[Mapping[str, Any] | None] = ContextVar("distckpt_restoring_meta", default=None)
+
+
+def mark_as_saver(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Mark ``method(self) -> state`` as the class's save hook (with ``register_checkpoint_hooks``)."""
+    setattr(method, _SAVER, True)
+    return method
+
+
+def mark_as_loader(method: Callable[..., None]) -> Callable[..., None]:
+    """Mark ``method(self, state)`` - or ``method(self, state, end_of_epoch)`` - as the class's
+    load hook (with ``register_checkpoint_hooks``); ``end_of_epoch`` is what the restored
+    step was saved with (``save(..., end_of_epoch=True)``)."""
+    setattr(method, _LOADER, True)
+    return method
+
+
+def register_checkpoint_hooks(cls: type) -> type:
+    """Class decorator (SpeechBrain's): registers the methods marked ``mark_as_saver`` and
+    ``mark_as_loader`` as the hooks of ``cls`` and its subclasses (``register_hooks``)."""
+    marked = {name: getattr(cls, name) for name in dir(cls) if callable(getattr(cls, name, None))}
+    savers = [m for m in marked.values() if getattr(m, _SAVER, False)]
+    loaders = [m for m in marked.values() if getattr(m, _LOADER, False)]
+    if len(savers) != 1 or len(loaders) != 1:
+        raise TypeError(f"{cls.__qualname__} needs exactly one @mark_as_saver and one @mark_as_loader method")
+    saver, loader = savers[0], loaders[0]
+    wants_epoch = len(inspect.signature(loader).parameters) >= 3
+
+    def load(obj: Any, state: Any) -> None:
+        if wants_epoch:
+            loader(obj, state, bool((_RESTORING.get() or {}).get("end_of_epoch", False)))
+        else:
+            loader(obj, state)
+
+    register_hooks(cls, save=saver, load=load)
+    return cls
+
+
+@contextlib.contextmanager
+def restoring(meta: Mapping[str, Any]) -> Iterator[None]:
+    """(restore) Load hooks run inside this: ``end_of_epoch`` comes from the step's ``meta``."""
+    token = _RESTORING.set(meta)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
 
 
 @dataclass

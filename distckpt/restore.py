@@ -32,7 +32,7 @@ from .layout.manifest import Manifest
 from .layout.tier import Tier, Tiers
 from .log import log
 from .ranks import Ranks
-from .recoverables import Adapter, ModuleAdapter
+from .recoverables import Adapter, ModuleAdapter, restoring
 from .topology import Topology
 from .tree import dtype_from_name, join, split, tensor_refs
 
@@ -51,31 +51,29 @@ class Restorer:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
         self.url = tiers.primary.storage.url
 
-    def _candidates(
-        self, step: int | None, min_key: str | None, max_key: str | None, predicate: Any
-    ) -> list[tuple[int, list[str]]]:
+    def _candidates(self, selection: dict[str, Any]) -> list[tuple[int, list[str]]]:
         """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
-        if step is None and min_key is None and max_key is None and predicate is None:
+        if all(v is None for v in selection.values()):
             steps = self.tiers.committed_steps()  # damaged manifests included: they fail their check loudly
         else:
-            steps = [i.step for i in select(self.tiers.list(), step, min_key, max_key, predicate)]
+            steps = [i.step for i in select(self.tiers.list(), **selection)]
         return [(s, self.tiers.holders(s)) for s in steps]
 
     def restore(
         self,
         adapters: dict[str, Adapter],
         *,
-        step: int | None,
-        min_key: str | None,
-        max_key: str | None,
-        predicate: Any,
         verify: bool,
         strict: bool,
+        step: int | None = None,
+        **selection: Any,
     ) -> CheckpointInfo | None:
+        """``selection``: ``min_key``, ``max_key``, ``predicate``, ``importance_key`` (``select``)."""
         ranks = self.ranks
-        check_selection(step, min_key, max_key)  # bad arguments raise before any collective
+        selection["step"] = step
+        check_selection(step, selection.get("min_key"), selection.get("max_key"), selection.get("importance_key"))
         candidates = ranks.agree(
-            lambda: self._candidates(step, min_key, max_key, predicate) if ranks.is_chief else None,
+            lambda: self._candidates(selection) if ranks.is_chief else None,
             "choosing a checkpoint to restore",
         )[0]
         if not candidates:
@@ -130,7 +128,6 @@ class Restorer:
     def _load(
         self, tier: Tier, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
     ) -> CheckpointInfo:
-        full = self.engine.full_state
         saved = state.get("recoverables", {})
         plan = self._plan(adapters, saved, state, strict, step)
         if plan.cast:
@@ -145,14 +142,8 @@ class Restorer:
         )
 
         def apply() -> None:
-            for name, adapter in adapters.items():
-                if adapter.per_rank:
-                    self._apply_per_rank(name, adapter, state, man)
-                elif name in saved:
-                    restored = join(saved[name], plan.dest)
-                    if plan.skip and isinstance(restored, dict):
-                        restored = {k: v for k, v in restored.items() if f"{name}.{k}" not in plan.skip}
-                    adapter.load(restored, full, strict)
+            with restoring(man.meta):
+                self._apply(adapters, saved, plan, state, man, strict)
 
         self.ranks.agree(apply, f"applying step {step}")
         info = replace(tier.catalog.info(man), tier=tier.name)
@@ -165,6 +156,26 @@ class Restorer:
             man.mode,
         )
         return info
+
+    def _apply(
+        self,
+        adapters: dict[str, Adapter],
+        saved: dict[str, Any],
+        plan: _Plan,
+        state: dict[str, Any],
+        man: Manifest,
+        strict: bool,
+    ) -> None:
+        """(all ranks) Every recoverable gets its state back."""
+        full = self.engine.full_state
+        for name, adapter in adapters.items():
+            if adapter.per_rank:
+                self._apply_per_rank(name, adapter, state, man)
+            elif name in saved:
+                restored = join(saved[name], plan.dest)
+                if plan.skip and isinstance(restored, dict):
+                    restored = {k: v for k, v in restored.items() if f"{name}.{k}" not in plan.skip}
+                adapter.load(restored, full, strict)
 
     def _plan(
         self, adapters: dict[str, Adapter], saved: dict[str, Any], state: dict[str, Any], strict: bool, step: int

@@ -38,6 +38,7 @@ from .errors import CheckpointError, CommitError, DistckptError, explain_storage
 from .layout.catalog import CheckpointInfo, SaveStats
 from .layout.lease import Lease
 from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
+from .layout.pointer import Pointers
 from .layout.tier import Tiers
 from .log import log
 from .ranks import Ranks
@@ -104,6 +105,7 @@ class Saves:
     max_in_flight: int = 1
     uploader: Uploader | None = None
     lease: Lease | None = None
+    pointers: Pointers | None = None  # latest.json / best.json, when saves commit on the primary
 
     def __post_init__(self) -> None:
         self.tier = self.tiers.first  # where saves are written and committed first
@@ -117,9 +119,11 @@ class Saves:
 
     # --- 1 + 2: on the training thread ----------------------------------------------------
 
-    def save(self, step: int, meta: Mapping[str, Any] | None) -> SaveHandle:
+    def save(self, step: int, meta: Mapping[str, Any] | None, end_of_epoch: bool | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         step, meta = check_step(step), check_meta(meta)
+        if end_of_epoch is not None:
+            meta["end_of_epoch"] = bool(end_of_epoch)
         self._drain(self.max_in_flight - 1)
         try:
             job = self._snapshot(step, meta, t0)
@@ -297,7 +301,7 @@ class Saves:
             if self.uploader is not None:
                 self.uploader.prune_local()  # the primary's retention follows each upload
             else:
-                retention.apply(self.policy, self.tier.catalog)
+                retention.apply(self.policy, self.tier.catalog, pointers=self.pointers)
             self.tier.catalog.clean_leftovers(self._active_now)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
@@ -325,6 +329,13 @@ class Saves:
         except Exception as e:  # noqa: BLE001
             log.error("preemption: the final save of step %d failed (%s); the job resumes from an older step", step, e)
             return False, False
+
+    def busy(self) -> bool:
+        """A save, or its upload, is still in flight (not durable yet)."""
+        with self._lock:
+            if any(not h.done() for h in self._pending):
+                return True
+        return self.uploader is not None and self.uploader.busy()
 
     def wait(self) -> None:
         """Every pending save committed (and uploaded); a failure raised once."""

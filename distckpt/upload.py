@@ -22,6 +22,7 @@ from . import retention
 from .errors import CheckpointError
 from .layout.catalog import CheckpointInfo
 from .layout.manifest import Manifest
+from .layout.pointer import Pointers
 from .layout.tier import Tier
 from .log import log
 from .ranks import Ranks
@@ -44,10 +45,11 @@ class Uploader:
         check_lease: Callable[[], None],
         threads: int = 4,
         max_queued: int = 2,
+        pointers: Pointers | None = None,
     ) -> None:
         self.ranks, self.local, self.remote, self.topology = ranks, local, remote, topology
         self.policy, self.local_keep, self.check_lease = policy, local_keep, check_lease
-        self.threads, self.max_queued = threads, max_queued
+        self.threads, self.max_queued, self.pointers = threads, max_queued, pointers
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-upload")
         self._lock = threading.Lock()
         self._futures: deque[tuple[int, Future]] = deque()
@@ -102,10 +104,15 @@ class Uploader:
         self.check_lease()
         self.remote.commit.finish(workdir, manifest)
         try:
-            retention.apply(self.policy, self.remote.catalog)
+            retention.apply(self.policy, self.remote.catalog, pointers=self.pointers)
         except Exception as e:  # noqa: BLE001 - retention never fails an upload
             log.warning("remote retention failed (%s); it will be retried", e)
         return self.remote.catalog.info(manifest)
+
+    def busy(self) -> bool:
+        """An upload is queued or running."""
+        with self._lock:
+            return bool(self.pending)
 
     def prune_local(self) -> None:
         """(node leaders) Keep the newest ``local_keep`` local steps and any still to upload."""

@@ -269,24 +269,34 @@ def select(
     min_key: str | None = None,
     max_key: str | None = None,
     predicate: Callable[[CheckpointInfo], bool] | None = None,
+    importance_key: Callable[[CheckpointInfo], Any] | None = None,
 ) -> list[CheckpointInfo]:
     """Committed checkpoints in the order a restore tries them: exactly ``step``; else those
-    ``predicate`` accepts, best by ``meta[min_key]`` / ``meta[max_key]`` or newest first."""
-    check_selection(step, min_key, max_key)
+    ``predicate`` accepts, best by ``meta[min_key]`` / ``meta[max_key]`` / the highest
+    ``importance_key(info)`` (SpeechBrain's), or newest first. Ties go to the newer step."""
+    check_selection(step, min_key, max_key, importance_key)
     if step is not None:
         return [i for i in infos if i.step == step]
     chosen = [i for i in infos if predicate is None or predicate(i)]
-    key = min_key or max_key
-    if key is None:
+    if importance_key is None and min_key is None and max_key is None:
         return sorted(chosen, key=lambda i: -i.step)
-    scored = [(v, i) for i in chosen if (v := metric_value(i.meta.get(key))) is not None]
-    sign = 1 if min_key else -1
-    return [i for _, i in sorted(scored, key=lambda vi: (sign * vi[0], -vi[1].step))]
+    if importance_key is None:
+        key = min_key or max_key
+        sign = -1 if min_key else 1
+
+        def importance_key(i: CheckpointInfo) -> Any:
+            value = metric_value(i.meta.get(key))
+            return None if value is None else sign * value
+
+    scored = [(v, i) for i in chosen if (v := metric_value(importance_key(i))) is not None]
+    return [i for _, i in sorted(scored, key=lambda vi: (-vi[0], -vi[1].step))]
 
 
-def check_selection(step: int | None, min_key: str | None, max_key: str | None) -> None:
-    if sum(x is not None for x in (step, min_key, max_key)) > 1:
-        raise ValueError("give at most one of step=, min_key=, max_key=")
+def check_selection(
+    step: int | None, min_key: str | None, max_key: str | None, importance_key: Callable[..., Any] | None = None
+) -> None:
+    if sum(x is not None for x in (step, min_key, max_key, importance_key)) > 1:
+        raise ValueError("give at most one of step=, min_key=, max_key=, importance_key=")
 
 
 def metric_value(value: Any) -> float | None:

@@ -22,6 +22,17 @@ from rich.markup import escape
 
 from ..errors import DistckptError
 from .cli_output import human_bytes, info_json, meta_text, out, print_contents, print_json, progress, steps_table
+from .cli_policy import (
+    AmongOpt,
+    BestModeOpt,
+    KeepBestOpt,
+    KeepEveryOpt,
+    KeepHoursOpt,
+    KeepLastOpt,
+    MetricOpt,
+    NewerOpt,
+    build_policy,
+)
 
 app = typer.Typer(
     name="distckpt",
@@ -132,16 +143,40 @@ def _open(url: str, storage_options: str | None) -> Any:
 
 @app.command("ls")
 @_command
-def ls_cmd(url: Url, as_json: AsJson = False, storage_options: StorageOptions = None) -> None:
-    """Committed steps (step, time, size, world size, mode, meta); uncommitted leftovers apart."""
+def ls_cmd(
+    url: Url,
+    as_json: AsJson = False,
+    keep_last: KeepLastOpt = None,
+    keep_best: KeepBestOpt = None,
+    metric: MetricOpt = None,
+    best_mode: BestModeOpt = "min",
+    keep_every: KeepEveryOpt = None,
+    keep_every_hours: KeepHoursOpt = None,
+    keep_newer_than: NewerOpt = None,
+    among: AmongOpt = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Committed steps (step, time, size, world size, mode, meta); uncommitted leftovers apart.
+    With retention options (as for gc), a column says which rule keeps each step."""
+    from ..retention import kept_by
+
+    policy = build_policy(keep_last, keep_best, metric, best_mode, keep_every, keep_every_hours, keep_newer_than, among)
     reader = _open(url, storage_options)
     infos, leftovers, lease = reader.list(), reader.leftovers(), reader.lease()
     _require_checkpoints(reader, infos, leftovers)
+    reasons = kept_by(policy, infos) if policy is not None else None
+    pointers = {name: (p.step if (p := reader.pointer(name)) else None) for name in ("latest", "best")}
     if as_json:
         steps = [info_json(i) for i in infos]
-        print_json({"url": reader.url, "steps": steps, "leftovers": [vars(x) for x in leftovers], "lease": lease})
+        for step, why in zip(steps, reasons or [], strict=False):
+            step["kept_by"] = why
+        doc = {"url": reader.url, "steps": steps, "leftovers": [vars(x) for x in leftovers], "lease": lease}
+        print_json({**doc, "pointers": pointers})
         return
-    out.print(steps_table(reader.url, infos))
+    out.print(steps_table(reader.url, infos, reasons))
+    for name, step in pointers.items():
+        if step is not None:
+            out.print(f"{name}.json -> step {step}", markup=False)
     if lease is not None:
         state = "writing now" if lease["live"] else "stale"
         out.print(f"lease: {escape(str(lease.get('job')))} ({state}, refreshed {lease['age_s']:.0f} s ago)")
@@ -219,26 +254,29 @@ def verify_cmd(
 @_command
 def gc_cmd(
     url: Url,
-    keep_last: Annotated[int | None, typer.Option("--keep-last", help="keep the newest N steps")] = None,
-    keep_best: Annotated[int | None, typer.Option("--keep-best", help="keep the best K steps by --metric")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="meta key ranking --keep-best")] = None,
-    best_mode: Annotated[str, typer.Option("--best-mode", help="min or max: which --metric is best")] = "min",
-    every_steps: Annotated[int | None, typer.Option("--keep-every", help="keep steps divisible by N")] = None,
+    keep_last: KeepLastOpt = None,
+    keep_best: KeepBestOpt = None,
+    metric: MetricOpt = None,
+    best_mode: BestModeOpt = "min",
+    keep_every: KeepEveryOpt = None,
+    keep_every_hours: KeepHoursOpt = None,
+    keep_newer_than: NewerOpt = None,
+    among: AmongOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="print what would go; delete nothing")] = False,
     force: Annotated[bool, typer.Option(help="remove leftovers even while a job holds the root")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
-    """Apply retention (the newest step is always kept) and remove stale uncommitted leftovers."""
+    """Apply retention (never the newest step or a milestone) and remove stale uncommitted leftovers."""
     from ..retention import Keep
     from .gc import plan_gc, run_gc
 
-    policy = Keep(last=keep_last, best=keep_best, metric=metric, best_mode=best_mode, every_steps=every_steps)
+    policy = build_policy(keep_last, keep_best, metric, best_mode, keep_every, keep_every_hours, keep_newer_than, among)
     reader = _open(url, storage_options)
-    plan = plan_gc(reader, policy, force=force)
+    plan = plan_gc(reader, policy or Keep(), force=force)
     _require_checkpoints(reader, plan.keep + plan.delete, plan.leftovers + plan.spared)
     verb = "would delete" if dry_run else "deleting"
-    if policy.keeps_all:
-        out.print("no retention rule given (--keep-last/--keep-best/--keep-every): every step is kept")
+    if policy is None:
+        out.print("no retention rule given (--keep-last/--keep-best/--keep-every/...): every step is kept")
     for info in plan.delete:
         out.print(
             f"{verb} step {info.step} ({human_bytes(info.nbytes)}, meta: {meta_text(info.meta) or '-'})", markup=False

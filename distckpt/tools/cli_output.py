@@ -76,16 +76,21 @@ def info_json(i: CheckpointInfo) -> dict[str, Any]:
     }
 
 
-def steps_table(url: str, infos: list[CheckpointInfo]) -> Table:
+def steps_table(url: str, infos: list[CheckpointInfo], kept_by: list[list[str]] | None = None) -> Table:
+    """The committed steps; with ``kept_by``, a column naming the rules that keep each step
+    ("delete" where none does)."""
     table = Table(title=f"committed checkpoints in {escape(url)}", title_justify="left")
     for col, just in (("step", "right"), ("saved", "left"), ("size", "right"), ("ranks", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     table.add_column("mode")
     table.add_column("meta", overflow="fold")
-    for i in infos:
-        table.add_row(
-            str(i.step), when(i.time), human_bytes(i.nbytes), str(i.world_size), i.mode, escape(meta_text(i.meta))
-        )
+    if kept_by is not None:
+        table.add_column("kept by")
+    for n, i in enumerate(infos):
+        row = [str(i.step), when(i.time), human_bytes(i.nbytes), str(i.world_size), i.mode, escape(meta_text(i.meta))]
+        if kept_by is not None:
+            row.append(", ".join(kept_by[n]) or "delete")
+        table.add_row(*row)
     return table
 
 

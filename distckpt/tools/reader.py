@@ -24,6 +24,7 @@ from ..layout.catalog import Catalog, CheckpointInfo
 from ..layout.commit import TMP_PREFIX, commit_for
 from ..layout.lease import LOCK, holder_gone, lease_age, read_lease
 from ..layout.manifest import MANIFEST, Manifest, parse_step_dirname
+from ..layout.pointer import read_pointer
 from ..storage import Storage, is_local_url, open_storage
 from ..tree import dtype_from_name
 from .inspection import StepContents, saved_order, step_contents
@@ -128,6 +129,13 @@ class CheckpointReader:
         if not doc:
             return {"job": "unknown (unreadable lease)", "age_s": 0.0, "live": True}
         return {**doc, "age_s": lease_age(doc), "live": holder_gone(doc) is None}
+
+    def pointer(self, name: str = "latest") -> CheckpointInfo | None:
+        """The step ``latest.json`` (or ``best.json``) names, checked against its manifest;
+        ``None`` when there is none or it is stale. One small read, no listing: for tools
+        and other jobs that poll a root. It can lag the newest commit (see
+        ``distckpt.layout.pointer``); ``list()`` and ``resolve()`` go by the manifests."""
+        return read_pointer(self.catalog, name)
 
     def resolve(self, step: int | None = None) -> int:
         """The step meant by ``step``: as given (must be committed), pinned, or the newest."""

@@ -166,7 +166,7 @@ def test_uncommitted_work_is_never_listed_and_is_cleaned_up(root):
     with Checkpointer(root, {"t": t}) as ckpt:
         assert [c.step for c in ckpt.list()] == [1]
         assert ckpt.restore().step == 1
-        assert sorted(os.listdir(root)) == [".distckpt-lock", "step_000000000001"]
+        assert sorted(os.listdir(root)) == [".distckpt-lock", "latest.json", "step_000000000001"]
 
 
 def test_retention_never_runs_before_commit(root):
