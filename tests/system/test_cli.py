@@ -229,6 +229,28 @@ def test_gc_spares_leftovers_while_a_live_job_holds_the_root(local, tmp_path):
     assert [c.step for c in distckpt.open(url).list()] == [1, 2, 3]
 
 
+def test_ls_shows_which_rule_keeps_each_step_and_gc_applies_the_same_policy(local, tmp_path):
+    url = _clone(local, tmp_path)
+    rules = ("--keep-best", "1", "--metric", "val_loss", "--keep-newer-than", "0.001s")
+    shown = cli("ls", url, *rules, "--json")
+    assert shown.returncode == 0, shown.stderr
+    kept_by = {s["step"]: s["kept_by"] for s in json.loads(shown.stdout)["steps"]}
+    assert kept_by == {1: [], 2: ["best"], 3: ["newest"]}  # saved long ago: "recent" keeps none of them
+    table = cli("ls", url, *rules)
+    assert table.returncode == 0 and "kept by" in table.stdout and "delete" in table.stdout
+    among = cli("ls", url, "--keep-last", "1", "--among", "val_loss=0.5", "--json")
+    assert [s["kept_by"] for s in json.loads(among.stdout)["steps"]] == [
+        ["last"],
+        ["not selected"],
+        ["not selected", "newest"],
+    ]
+    done = cli("gc", url, *rules)
+    assert done.returncode == 0, done.stderr
+    assert [c.step for c in distckpt.open(url).list()] == [2, 3]
+    bad = cli("gc", url, "--keep-newer-than", "soon")
+    assert bad.returncode == 2 and one_line_error(bad) and "duration" in bad.stderr
+
+
 @pytest.mark.parametrize("which", ["local", "chief", "s3"])
 def test_export_only_model_to_safetensors_is_bit_exact_and_loads_into_the_model(which, request, tmp_path):
     ckpt = request.getfixturevalue("s3" if which == "s3" else "local")

@@ -6,7 +6,18 @@ protected (still uploading), survive whatever the policy says."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distckpt import CheckpointInfo, Keep
+from distckpt import (
+    Among,
+    CheckpointInfo,
+    Keep,
+    KeepAll,
+    KeepBest,
+    KeepEvery,
+    KeepEverySteps,
+    KeepIf,
+    KeepLast,
+    KeepNewerThan,
+)
 from distckpt.retention import RetentionPolicy, preserved
 
 
@@ -21,6 +32,11 @@ POLICIES = [
     Keep(last=3, every_steps=100),
     Keep(best=2, metric="loss"),
     Keep(best=1, metric="loss", best_mode="max", last=2),
+    KeepLast(2) | KeepBest(1, key=lambda c: -c.step),
+    KeepAll(KeepEverySteps(3), KeepIf(lambda c: c.meta["loss"] < 5)),
+    KeepEvery(100.0),
+    KeepNewerThan(300.0, clock=lambda: 1000.0),
+    Among(lambda c: c.step % 2 == 0, KeepLast(1)),
     DropAll(),
 ]
 
@@ -29,7 +45,10 @@ POLICIES = [
 def histories(draw):
     steps = sorted(draw(st.sets(st.integers(0, 1000), min_size=0, max_size=20)))
     losses = draw(st.lists(st.floats(0, 10), min_size=len(steps), max_size=len(steps)))
-    return [CheckpointInfo(step=s, url=f"x/{s}", meta={"loss": v}) for s, v in zip(steps, losses, strict=True)]
+    return [
+        CheckpointInfo(step=s, url=f"x/{s}", time=float(s), meta={"loss": v, **({"keep": True} if s % 97 == 0 else {})})
+        for s, v in zip(steps, losses, strict=True)
+    ]
 
 
 @settings(max_examples=100, deadline=None)
@@ -45,4 +64,5 @@ def test_policy_answers_one_flag_per_checkpoint_without_side_effects(history, po
     if history:
         newest = max(c.step for c in history)
         assert all(k for c, k in zip(history, kept, strict=True) if c.step == newest or c.step in protected)
+        assert all(k for c, k in zip(history, kept, strict=True) if c.meta.get("keep") is True)  # milestones
     assert all(k for f, k in zip(flags, kept, strict=True) if f)  # preserved only ever adds

@@ -15,6 +15,7 @@ from distckpt import (
     SaveEverySteps,
     SaveInitial,
     SaveOnPreemption,
+    SavePolicy,
 )
 
 
@@ -95,3 +96,34 @@ def test_without_a_save_policy_maybe_save_never_saves(root):
         assert ckpt.maybe_save(1) is None and ckpt.list() == []
     with distckpt.Checkpointer(root, {"t": torch.zeros(1)}, save_policy=5) as ckpt:  # an int: every 5 steps
         assert [s for s in range(1, 12) if ckpt.maybe_save(s)] == [5, 10]
+
+
+SCHEDULES = [
+    SaveEverySteps(3),
+    SaveEverySeconds(10, clock=lambda: 0.0),
+    SaveContinuously(5, clock=lambda: 0.0),
+    SaveDenseEarly([(5, 1)], then=4),
+    SaveAt(2, 9),
+    SaveInitial(),
+    SaveOnPreemption(),
+    SaveEverySteps(4) | SaveEverySeconds(30),
+]
+
+
+@pytest.mark.parametrize("policy", SCHEDULES, ids=lambda p: type(p).__name__)
+def test_save_policy_contract_a_pure_bool_per_context(policy):
+    assert isinstance(policy, SavePolicy) and isinstance(policy.uses_clock, bool)
+    contexts = [
+        ctx(
+            s,
+            now=7.0 * s,
+            last_step=s - 1 if s > 1 else None,
+            last_time=7.0 * (s - 1),
+            busy=s % 3 == 0,
+            preempted=s == 6,
+        )
+        for s in range(1, 13)
+    ]
+    first = [policy.should_save(c) for c in contexts]
+    assert all(isinstance(a, bool) for a in first)
+    assert [policy.should_save(c) for c in reversed(contexts)][::-1] == first  # no state: order does not matter
