@@ -22,6 +22,7 @@ from typing import Protocol
 from ..errors import CommitError
 from ..log import log
 from ..storage import Storage
+from .guarantees import honours_exclusive_create
 from .manifest import MANIFEST, Manifest, step_dirname
 
 TMP_PREFIX = ".tmp-"
@@ -113,7 +114,10 @@ class MarkerCommit:
 
     The chief confirms every listed file exists with its recorded size, then writes
     ``manifest.json`` with an exclusive create (``If-None-Match: *``): of two writers,
-    exactly one commits. Object stores have no directories: ``open_root`` only makes sure
+    exactly one commits. On a store that ignores that header (``guarantees``) it checks the
+    manifest is absent, writes it and reads it back: a writer whose manifest does not stand
+    fails; the window left is two writers between the check and the write at once, which
+    the lease (one writing job per root) and its fencing before each commit rule out. Object stores have no directories: ``open_root`` only makes sure
     the bucket exists (s3fs creates a missing one).
     """
 
@@ -143,10 +147,20 @@ class MarkerCommit:
                     f"step {step}: {path} is {'missing' if size is None else f'{size} bytes'}, "
                     f"expected {rec.size}; the upload did not complete, so the step stays uncommitted"
                 )
-        try:
-            self.storage.write_bytes(self.storage.join(workdir, MANIFEST), manifest.to_json(), exclusive=True)
-        except FileExistsError as e:
-            raise CommitError(f"step {step} is already committed at {workdir}; save under a new step number") from e
+        path, data = self.storage.join(workdir, MANIFEST), manifest.to_json()
+        taken = CommitError(f"step {step} is already committed at {workdir}; save under a new step number")
+        if honours_exclusive_create(self.storage, self.root):
+            try:
+                self.storage.write_bytes(path, data, exclusive=True)
+            except FileExistsError as e:
+                raise taken from e
+            return workdir
+        # a store that ignores If-None-Match: look first, write, and read back what stands
+        if self.storage.exists(path):
+            raise taken
+        self.storage.write_bytes(path, data)
+        if self.storage.read_bytes(path) != data:
+            raise CommitError(f"another writer committed step {step} at {workdir} at the same moment; this save lost")
         return workdir
 
     def abort(self, workdir: str) -> None:

@@ -9,6 +9,13 @@ committing (fencing) instead of interleaving with the new holder.
 A lease may be taken over when its holder is evidently gone: the same job restarted (same
 ``SLURM_JOB_ID`` or torchrun run id), a dead process on this host, or no refresh for
 ``stale_after`` seconds.
+
+On a store that ignores exclusive creates (``guarantees.honours_exclusive_create``) the
+lease is taken by reading first (a live holder is refused, as above), writing our document,
+waiting ``settle_seconds()`` and reading it back: of two jobs that start at the same moment,
+the one whose write landed last sees its own document and holds the root; the other sees
+it and is refused. The race window is a write that takes longer than the settle time to
+land; a job that lost a race it did not notice is fenced at its first commit (``check``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 from ..errors import CommitError, DistckptError
 from ..log import log
 from ..storage import Storage
+from .guarantees import honours_exclusive_create, settle_seconds
 
 LOCK = ".distckpt-lock"
 STALE_AFTER_S = 600.0  # a lease not refreshed for this long is taken to be abandoned
@@ -46,7 +54,7 @@ class Lease:
     def __init__(
         self, storage: Storage, root: str, *, stale_after: float = STALE_AFTER_S, refresh_s: float = 60.0
     ) -> None:
-        self.storage, self.path = storage, storage.join(root, LOCK)
+        self.storage, self.root, self.path = storage, root, storage.join(root, LOCK)
         self.stale_after, self.refresh_s = stale_after, refresh_s
         self.nonce = uuid.uuid4().hex
         self.identity = job_identity()
@@ -63,17 +71,47 @@ class Lease:
         }
 
     def acquire(self) -> None:
+        exclusive = honours_exclusive_create(self.storage, self.root)
         try:
-            self.storage.write_bytes(self.path, json.dumps(self._doc()).encode(), exclusive=True)
+            if not exclusive and self.storage.exists(self.path):
+                raise FileExistsError(self.path)  # read first: never overwrite a holder's lease
+            self._create(exclusive)
         except FileExistsError:
             other = self._read()
             reason = self._takeover_reason(other)
             if reason is None:
                 raise DistckptError(self._busy_message(other)) from None
             log.warning("taking over %s from %s (%s)", self.path, other.get("job", "?"), reason)
-            self._replace()
+            if exclusive:
+                self._remove_quietly()
+            try:
+                self._create(exclusive)
+            except FileExistsError:  # a third job got in between: it holds the root now
+                raise DistckptError(self._busy_message(self._read())) from None
         self._thread = threading.Thread(target=self._refresh_loop, name="distckpt-lease", daemon=True)
         self._thread.start()
+
+    def _create(self, exclusive: bool) -> None:
+        """Write our lease: an exclusive create (``FileExistsError`` if there is one), or, on
+        stores that ignore it, write, settle and read back."""
+        data = json.dumps(self._doc()).encode()
+        if exclusive:
+            self.storage.write_bytes(self.path, data, exclusive=True)
+            return
+        self.storage.write_bytes(self.path, data)
+        time.sleep(settle_seconds())
+        now = self._read()
+        if now.get("nonce") != self.nonce:
+            raise DistckptError(
+                f"another job took {self.storage.url} at the same moment ({now.get('job', 'unknown')}); "
+                + self._busy_message(now).split("; ", 1)[-1]
+            )
+
+    def _remove_quietly(self) -> None:
+        try:
+            self.storage.remove(self.path)
+        except FileNotFoundError:
+            pass
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -95,16 +133,6 @@ class Lease:
             f"pid {other.get('pid')}, alive {age:.0f} s ago); use another checkpoint directory, stop that "
             f"job, or, if it is gone, delete {self.path}"
         )
-
-    def _replace(self) -> None:
-        try:
-            self.storage.remove(self.path)
-        except FileNotFoundError:
-            pass
-        try:
-            self.storage.write_bytes(self.path, json.dumps(self._doc()).encode(), exclusive=True)
-        except FileExistsError:
-            raise DistckptError(self._busy_message(self._read())) from None
 
     def check(self) -> None:
         """Raise ``CommitError`` if another job has taken the root over since we took it."""

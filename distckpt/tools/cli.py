@@ -267,11 +267,14 @@ def gc_cmd(
     storage_options: StorageOptions = None,
 ) -> None:
     """Apply retention (never the newest step or a milestone) and remove stale uncommitted leftovers."""
+    from ..layout.guarantees import honours_exclusive_create
     from ..retention import Keep
     from .gc import plan_gc, run_gc
 
     policy = build_policy(keep_last, keep_best, metric, best_mode, keep_every, keep_every_hours, keep_newer_than, among)
     reader = _open(url, storage_options)
+    if not dry_run and not honours_exclusive_create(reader.storage, reader.root):
+        out.print(f"note: {reader.url} ignores exclusive creates (If-None-Match); see README, Storage", markup=False)
     plan = plan_gc(reader, policy or Keep(), force=force)
     _require_checkpoints(reader, plan.keep + plan.delete, plan.leftovers + plan.spared)
     verb = "would delete" if dry_run else "deleting"

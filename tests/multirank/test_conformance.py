@@ -1,5 +1,6 @@
-"""One conformance suite, every backend: local disk, S3 (moto over HTTP, through s3fs), and a
-local tier in front of S3 (one shared local dir, or one per simulated node)."""
+"""One conformance suite, every backend: local disk, S3 through s3fs on two servers over HTTP
+(moto, and s3rver, which ignores If-None-Match), and a local tier in front of S3 (one shared
+local dir, or one per simulated node)."""
 
 import json
 
@@ -10,9 +11,10 @@ import torch
 import distckpt
 from distckpt import Checkpointer, Keep
 from tests.support.harness import run_ranks
+from tests.support.s3 import s3_bucket
 from tests.support.models import clone_state, make_training, tensors_equal, train
 
-BACKENDS = ["local", "s3", "tiered", "tiered-2nodes"]
+BACKENDS = ["local", "s3", "s3rver", "tiered", "tiered-2nodes"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -20,8 +22,8 @@ def backend(request, tmp_path):
     kind = request.param
     if kind == "local":
         return {"kind": kind, "url": str(tmp_path / "ckpt"), "opts": None, "local": None}
-    s3_root, s3_options = request.getfixturevalue("s3_root"), request.getfixturevalue("s3_options")
-    local = None if kind == "s3" else str(tmp_path / "local")
+    s3_root, s3_options = s3_bucket(request, "s3rver" if kind == "s3rver" else "moto")
+    local = None if kind in ("s3", "s3rver") else str(tmp_path / "local")
     return {"kind": kind, "url": s3_root, "opts": s3_options, "local": local}
 
 

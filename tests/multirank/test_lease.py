@@ -138,3 +138,50 @@ def test_fencing_failure_reaches_the_caller_as_a_checkpoint_error(root):
         with pytest.raises(CheckpointError, match="taken over"):
             ckpt.save(1)
         assert ckpt.list() == []
+
+
+SAVER = textwrap.dedent("""
+    import json, sys, time, torch, distckpt
+    root, opts = sys.argv[1], json.loads(sys.argv[2])
+    t = torch.zeros(4)
+    ckpt = distckpt.Checkpointer(root, {"t": t}, storage_options=opts)
+    print("holding", flush=True)
+    for step in range(1, 5):
+        time.sleep(0.5)
+        t.fill_(step)
+        ckpt.save(step)
+        print("saved", step, flush=True)
+    ckpt.close()
+""")
+
+
+@pytest.mark.parametrize("server", ["moto", "s3rver"])
+def test_a_second_job_on_a_live_s3_root_is_refused_and_the_first_keeps_every_save(server, request, monkeypatch):
+    # issue #13: on s3rver, which ignores If-None-Match, job B used to take the lease silently
+    # and job A's next save failed; now B is told at open, and A goes on
+    from tests.support.s3 import s3_bucket
+
+    monkeypatch.setenv("DISTCKPT_LEASE_SETTLE_S", "1")
+    url, opts = s3_bucket(request, server)
+    job_a = subprocess.Popen(
+        [sys.executable, "-c", SAVER, url, json.dumps(opts)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
+    try:
+        assert job_a.stdout.readline().strip() == "holding", job_a.stderr.read()
+        assert job_a.stdout.readline().strip() == "saved 1"
+        with pytest.raises(DistckptError, match=rf"in use by another job \(process:.*pid {job_a.pid}"):
+            Checkpointer(url, {"t": torch.zeros(4)}, storage_options=opts)
+        out, err = job_a.communicate(timeout=120)
+    finally:
+        job_a.kill()
+    assert job_a.returncode == 0, err
+    assert out.split("\n")[:-1] == [f"saved {s}" for s in range(2, 5)]  # every save after B tried
+    t = torch.zeros(4)
+    with Checkpointer(url, {"t": t}, storage_options=opts, read_only=True) as reader:
+        assert [c.step for c in reader.list()] == [1, 2, 3, 4]
+        assert reader.restore().step == 4 and torch.equal(t, torch.full((4,), 4.0))

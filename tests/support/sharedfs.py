@@ -12,6 +12,8 @@ import socket
 import subprocess
 import time
 
+from tests.support import free_port
+
 
 def ensure_installed() -> None:
     if shutil.which("sshfs") and os.path.exists("/usr/sbin/sshd"):
@@ -26,12 +28,6 @@ def ensure_installed() -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SharedFS:
     def __init__(self, base: str, nodes: int = 2) -> None:
         ensure_installed()
@@ -43,7 +39,7 @@ class SharedFS:
         for name in ("host_key", "client_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(keys, name)], check=True)
         shutil.copy(os.path.join(keys, "client_key.pub"), os.path.join(keys, "authorized_keys"))
-        self.port = _free_port()
+        self.port = free_port()
         config = os.path.join(keys, "sshd_config")
         with open(config, "w") as f:
             f.write(

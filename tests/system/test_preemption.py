@@ -4,7 +4,6 @@ restart that resumes bit-exact. Real gloo ranks (tests/harness.py) and real torc
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distckpt
 from distckpt import Checkpointer, Preemption
-from tests.support import jobs
+from tests.support import free_port, jobs
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 
@@ -302,16 +301,10 @@ def test_torchrun_signals_stop_every_rank_save_and_restart_bit_exact(tmp_path, r
     assert jobs.result(text) == reference
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_torchrun_sh_two_nodes_on_one_machine_match_the_single_node_run(tmp_path, reference):
     ckpt_dir = str(tmp_path / "ckpt")
-    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{_free_port()}", "--run-id", uuid.uuid4().hex]
+    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{free_port()}", "--run-id", uuid.uuid4().hex]
     procs = [_start(jobs.torchrun_cmd(ckpt_dir, launcher=node), tmp_path / f"node{i}.log") for i in range(2)]
     try:
         rcs = [p.wait(timeout=240) for p in procs]

@@ -1,5 +1,5 @@
 """The ``Commit`` contract, for each strategy on the storage it is made for: ``RenameCommit``
-on a POSIX directory, ``MarkerCommit`` on S3 (moto over HTTP). A step is listed once
+on a POSIX directory, ``MarkerCommit`` on S3 (moto, and s3rver, which ignores If-None-Match). A step is listed once
 ``finish`` returns and never before; it commits once; ``abort`` and ``delete`` never leave
 anything that looks committed. A new strategy joins by adding a case to ``commit``."""
 
@@ -10,14 +10,15 @@ from distckpt.layout.catalog import Catalog
 from distckpt.layout.commit import MarkerCommit, RenameCommit, commit_for
 from distckpt.layout.manifest import FileRecord, Manifest, checksum_bytes
 from distckpt.storage import open_storage
+from tests.support.s3 import S3_SERVERS, s3_bucket
 
 
-@pytest.fixture(params=["rename", "marker"])
+@pytest.fixture(params=["rename", *(f"marker-{s}" for s in S3_SERVERS)])
 def commit(request, tmp_path):
     if request.param == "rename":
         storage = open_storage(str(tmp_path / "root"))
-    else:
-        storage = open_storage(request.getfixturevalue("s3_root"), request.getfixturevalue("s3_options"))
+    else:  # on moto (If-None-Match honoured) and s3rver (ignored)
+        storage = open_storage(*s3_bucket(request, request.param.split("-", 1)[1]))
     chosen = commit_for(storage)
     assert isinstance(chosen, RenameCommit if request.param == "rename" else MarkerCommit)
     chosen.open_root()
@@ -54,10 +55,10 @@ def test_a_step_commits_once(commit):
     assert catalog.read_manifest(7).files == manifest.files  # the first commit stands
 
 
-def test_marker_commit_refuses_a_step_whose_files_are_incomplete(s3_root, s3_options):
+def test_marker_commit_refuses_a_step_whose_files_are_incomplete(any_s3):
     # object stores only: there the manifest is the commit, so the chief checks every file
     # first (on POSIX, files are fsynced before the rename, which moves them all at once)
-    commit = commit_for(open_storage(s3_root, s3_options))
+    commit = commit_for(open_storage(*any_s3))
     workdir, manifest = _write_step(commit, 3)
     commit.storage.remove(commit.storage.join(workdir, "data.distcp"))
     with pytest.raises(CommitError, match="missing"):

@@ -1,5 +1,6 @@
 """The ``Storage`` contract, run against every implementation: POSIX (a real directory) and
-fsspec (S3 through s3fs, against the moto server over HTTP on 127.0.0.1).
+fsspec (S3 through s3fs, against two S3 servers over HTTP on 127.0.0.1: moto, and s3rver,
+which ignores ``If-None-Match``).
 
 A new backend joins by adding a case to the ``storage`` fixture; every test here must pass.
 """
@@ -8,14 +9,16 @@ import io
 
 import pytest
 
+from distckpt.layout.guarantees import honours_exclusive_create
 from distckpt.storage import Storage, open_storage
+from tests.support.s3 import S3_SERVERS, s3_bucket
 
 
-@pytest.fixture(params=["posix", "s3"])
+@pytest.fixture(params=["posix", *S3_SERVERS])
 def storage(request, tmp_path):
     if request.param == "posix":
         return open_storage(str(tmp_path / "root"))
-    return open_storage(request.getfixturevalue("s3_root"), request.getfixturevalue("s3_options"))
+    return open_storage(*s3_bucket(request, request.param))
 
 
 def _at(storage, *parts):
@@ -46,13 +49,18 @@ def test_write_bytes_is_read_back_and_replaced_whole(storage):
     assert storage.listdir(_at(storage, "d")) == ["f.json"]  # no temporary file left behind
 
 
-def test_exclusive_create_has_one_winner(storage):
+def test_exclusive_create_has_one_winner_or_the_probe_says_it_has_not(storage):
     storage.makedirs(_at(storage, "d"))
     path = _at(storage, "d", "marker")
     storage.write_bytes(path, b"mine", exclusive=True)
-    with pytest.raises(FileExistsError):
+    try:
         storage.write_bytes(path, b"theirs", exclusive=True)
-    assert storage.read_bytes(path) == b"mine"
+        refused = False
+    except FileExistsError:
+        refused = True
+    assert honours_exclusive_create(storage, storage.root) is refused  # found out, never assumed
+    assert storage.read_bytes(path) == (b"mine" if refused else b"theirs")
+    assert storage.listdir(_at(storage, "d")) == ["marker"]  # the probe cleans up after itself
 
 
 def test_streams_write_durably_and_read_seekably(storage):
