@@ -72,7 +72,7 @@ def test_handlers_only_count_signals_and_previous_handlers_come_back(root):
     assert votes == [False, False, True, True] and stop == 3
     assert count == 2 and code == distckpt.preemption.EXIT_PREEMPTED == 75
     assert installed and restored  # handlers stay through save_and_exit; uninstall puts back
-    assert names == ["step_000000000003"]
+    assert names == ["latest.json", "step_000000000003"]  # one commit (and its pointer): no second save
 
 
 # --- agreement across ranks -------------------------------------------------------------
