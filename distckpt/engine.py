@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from .dcp import read_items, write_items
+from .dcp.plan_cache import PlanCache
 from .layout.manifest import FileRecord
 from .ranks import Ranks
 from .storage import Storage
@@ -54,6 +55,7 @@ class ShardedEngine:
 
     def __init__(self, write_threads: int = 4) -> None:
         self.write_threads = max(1, int(write_threads))
+        self.plans = PlanCache()  # repeated saves skip DCP's planning (dcp/plan_cache.py)
 
     def writes(self, ranks: Ranks) -> bool:
         return True
@@ -62,7 +64,9 @@ class ShardedEngine:
         self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ranks: Ranks
     ) -> tuple[list[FileRecord], dict[str, Any]]:
         group = ranks.group("bg")  # the save thread's private group
-        return write_items(tensors, storage, workdir, rank=ranks.rank, group=group, threads=self.write_threads)
+        return write_items(
+            tensors, storage, workdir, rank=ranks.rank, group=group, threads=self.write_threads, cache=self.plans
+        )
 
     def read(
         self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ranks: Ranks, contiguous: bool
@@ -82,7 +86,7 @@ class ChiefEngine(ShardedEngine):
     ) -> tuple[list[FileRecord], dict[str, Any]]:
         if not ranks.is_chief:
             return [], {}
-        return write_items(tensors, storage, workdir, rank=0, group=None, threads=self.write_threads)
+        return write_items(tensors, storage, workdir, rank=0, group=None, threads=self.write_threads, cache=self.plans)
 
     def read(
         self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ranks: Ranks, contiguous: bool

@@ -1,8 +1,9 @@
 """The bridge to ``torch.distributed.checkpoint``: the one way distckpt writes and reads tensors.
 
 ``write_items`` saves a flat ``{fqn: tensor}`` dict into a step's work directory through
-``dcp.save`` and returns the files written (size and checksum, computed as written) plus
-the global tensor table; ``read_items`` fills tensors in place through ``dcp.load``,
+``dcp.save`` with ``FastWriter`` (items framed and written straight from memory), or, when
+the tensors are planned like last time, without DCP's planning (``plan_cache``), and returns
+the files written (size and checksum, computed as written) plus the global tensor table; ``read_items`` fills tensors in place through ``dcp.load``,
 resharding as DCP does. Engines (chief or sharded), ``restore()`` and the tools
 (``distckpt.open``, export, transfer) all go through these two functions.
 
@@ -13,6 +14,7 @@ straight into place), ``errors`` (DCP's exceptions as ours).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -21,14 +23,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from ..arena import local_part
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..layout.catalog import DCP_METADATA
 from ..layout.manifest import FileRecord, checksum_stream
 from ..storage import PosixStorage, Storage
 from ..tree import dtype_name
 from .errors import unwrap_dcp_errors
-from .fs import StorageReader, StorageWriter
+from .fs import FileRecorder, StorageFS, StorageReader
+from .plan_cache import Plan, PlanCache, signature
 from .safe import SafeLoadPlanner, load_dcp_metadata
+from .writer import FastWriter, run_parallel, write_file, writer_threads
 
 __all__ = ["DCP_METADATA", "load_dcp_metadata", "read_items", "tensor_table", "unwrap_dcp_errors", "write_items"]
 
@@ -37,11 +42,22 @@ warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|loa
 
 
 def write_items(
-    tensors: dict[str, torch.Tensor], storage: Storage, workdir: str, *, rank: int, group: Any, threads: int
+    tensors: dict[str, torch.Tensor],
+    storage: Storage,
+    workdir: str,
+    *,
+    rank: int,
+    group: Any,
+    threads: int,
+    cache: PlanCache | None = None,
 ) -> tuple[list[FileRecord], dict[str, Any]]:
     """(every rank in ``group``, or one rank alone with ``group=None``) Write ``tensors`` into
-    ``workdir``. Returns this rank's file records and, on rank 0, the global tensor table."""
-    writer = StorageWriter(storage, workdir, threads)
+    ``workdir``. Returns this rank's file records and, on rank 0, the global tensor table.
+    With a ``cache``, a save planned like the previous one skips DCP's planning."""
+    key = signature(tensors) if cache is not None else ""
+    if cache is not None and cache.usable(key, group):
+        return _write_planned(cache.plan, tensors, storage, workdir, rank)  # type: ignore[arg-type]
+    writer = FastWriter(storage, workdir, threads)
     try:
         with unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
             md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
@@ -49,13 +65,36 @@ def write_items(
         if writer.recorder.os_errors:  # the real cause, which torch's writer turned into a RuntimeError
             raise writer.recorder.os_errors[0] from e
         raise
+    table = tensor_table(md) if rank == 0 else {}
+    if cache is not None:
+        metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA)) if rank == 0 else None
+        cache.plan = Plan(key, writer.layout, metadata, table)
+    return writer.recorder.records(rank, _read_back(storage, workdir)), table
 
+
+def _write_planned(
+    plan: Plan, tensors: dict[str, torch.Tensor], storage: Storage, workdir: str, rank: int
+) -> tuple[list[FileRecord], dict[str, Any]]:
+    """This rank's files of a save planned like the last one, written without DCP."""
+    fs = StorageFS(storage, FileRecorder())
+    nbytes = sum(local_part(tensors[f]).nbytes for _, fqns in plan.files for f in fqns)
+    calls = [
+        functools.partial(write_file, fs, workdir, name, [local_part(tensors[f]) for f in fqns])
+        for name, fqns in plan.files
+    ]
+    run_parallel(calls, writer_threads(nbytes, len(plan.files)))
+    if rank == 0 and plan.metadata is not None:
+        with fs.create_stream(fs.concat_path(workdir, DCP_METADATA), "wb") as f:
+            f.write(plan.metadata)
+    return fs.recorder.records(rank, _read_back(storage, workdir)), dict(plan.table or {}) if rank == 0 else {}
+
+
+def _read_back(storage: Storage, workdir: str) -> Any:
     def read_back(name: str) -> tuple[int, str]:
         with storage.open_read(storage.join(workdir, name)) as f:
             return checksum_stream(f)
 
-    # dcp.save returns the global metadata on every rank; only the chief's table is used
-    return writer.recorder.records(rank, read_back), tensor_table(md) if rank == 0 else {}
+    return read_back
 
 
 def read_items(

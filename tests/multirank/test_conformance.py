@@ -11,8 +11,8 @@ import torch
 import distckpt
 from distckpt import Checkpointer, Keep
 from tests.support.harness import run_ranks
-from tests.support.s3 import s3_bucket
 from tests.support.models import clone_state, make_training, tensors_equal, train
+from tests.support.s3 import s3_bucket
 
 BACKENDS = ["local", "s3", "s3rver", "tiered", "tiered-2nodes"]
 

@@ -79,3 +79,31 @@ def test_sharded_engine_writes_on_every_rank_and_chief_engine_on_rank0(tmp_path)
     assert [w for w, *_ in chief] == [True, False]
     assert chief[0][1] and chief[1][1] == []  # rank 1 writes nothing
     assert chief[0][2] == ["shared.w"] and all(same for *_, same in chief)  # every rank reads it all
+
+
+def _planned_saves(rank, world, root):
+    ranks, engine = RankContext(), make_engine("sharded")
+    storage = open_storage(root)
+    state = {"shared.w": torch.arange(12.0).reshape(3, 4), f"rank{rank}.x": torch.full((2,), float(rank))}
+    hits, exact = [], []
+    for step in range(4):
+        if step == 2 and rank == 1:
+            state["rank1.x"] = torch.zeros(5)  # one rank's tensors change: every rank must re-plan
+        for t in state.values():
+            t.add_(1)
+        workdir = storage.join(storage.root, f"s{step}")
+        storage.makedirs(workdir)
+        engine.write(state, workdir, storage, ranks)
+        hits.append(engine.plans.hits)
+        back = {k: torch.zeros_like(v) for k, v in state.items()}
+        ranks.barrier()
+        engine.read(back, workdir, storage, ranks, True)
+        exact.append(all(torch.equal(back[k], state[k]) for k in state))
+    return hits, exact
+
+
+def test_repeated_sharded_saves_reuse_the_plan_only_when_every_rank_can(tmp_path):
+    out = run_ranks(_planned_saves, 2, str(tmp_path))
+    for hits, exact in out:
+        assert hits == [0, 1, 1, 2]  # save 2 re-planned on both ranks although rank 0 changed nothing
+        assert all(exact)

@@ -33,9 +33,12 @@ def _fsdp_save(rank, world, root, mode):
     model, optim, sched = make_training(seed=0, width=WIDTH)
     _fsdp(model)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train(model, optim, sched, 3, seed=rank)
     with Checkpointer(root, {"model": model, "optim": optim}, mode=mode) as ckpt:
-        ckpt.save(3)
+        for step in (1, 2, 3):  # saves 2 and 3 reuse save 1's plan: the restores below prove them
+            train(model, optim, sched, 1, seed=rank * 10 + step)
+            ckpt.save(step)
+        engine = ckpt._parts.engine
+        assert engine.plans.hits == (2 if engine.writes(ckpt._parts.ranks) else 0)  # chief mode: rank 0 writes
     return _full_state(model, optim)
 
 

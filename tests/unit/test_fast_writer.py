@@ -1,0 +1,92 @@
+"""The writer that frames items itself (``distckpt/dcp/writer.py``) and the plan cache
+(``distckpt/dcp/plan_cache.py``): what they write is a plain DCP checkpoint, bit-exact,
+repeated saves skip DCP's planning, and any change of the tensors re-plans."""
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import distckpt
+from distckpt.dcp import write_items
+from distckpt.dcp.plan_cache import PlanCache
+from distckpt.dcp.writer import frame
+from distckpt.layout.manifest import checksum_stream
+from distckpt.storage import open_storage
+
+
+def _state():
+    base = torch.arange(40.0).reshape(8, 5)
+    return {
+        "slice": base[:, :2],  # a view into a bigger storage
+        "transposed": base.t(),  # non-contiguous, owning all of its storage
+        "bf16": torch.linspace(0, 1, 7, dtype=torch.bfloat16),
+        "scalar": torch.tensor(3.0),
+        "empty": torch.empty(0, 4),
+        "ints": torch.arange(1000, dtype=torch.int64),
+    }
+
+
+def test_framed_items_are_what_torch_save_writes(tmp_path):
+    t = torch.randn(3, 5)
+    head, tail = frame(t.dtype, tuple(t.shape))
+    path = tmp_path / "x.pt"
+    path.write_bytes(head + t.numpy().tobytes() + tail)
+    assert torch.equal(torch.load(path, weights_only=True), t)
+
+
+def test_written_steps_load_with_plain_dcp_and_checksums_match(tmp_path):
+    storage, state = open_storage(str(tmp_path)), _state()
+    workdir = str(tmp_path / "step")
+    storage.makedirs(workdir)
+    records, table = write_items(state, storage, workdir, rank=0, group=None, threads=3)
+    assert set(table) == set(state) and table["bf16"] == {"shape": [7], "dtype": "bfloat16"}
+    for rec in records:
+        with open(os.path.join(workdir, rec.name), "rb") as f:
+            assert checksum_stream(f) == (rec.size, rec.checksum)
+    back = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(back, checkpoint_id=workdir)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_repeated_saves_skip_dcp_planning_and_stay_plain_dcp(tmp_path):
+    storage, cache = open_storage(str(tmp_path)), PlanCache()
+    state = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(50)}
+    metadata = []
+    for step in range(3):
+        workdir = str(tmp_path / f"s{step}")
+        storage.makedirs(workdir)
+        for t in state.values():
+            t.add_(1)
+        write_items(state, storage, workdir, rank=0, group=None, threads=2, cache=cache)
+        metadata.append(open(os.path.join(workdir, ".metadata"), "rb").read())
+        back = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(back, checkpoint_id=workdir)
+        assert all(torch.equal(back[k], state[k]) for k in state)
+    assert cache.hits == 2 and metadata[0] == metadata[1] == metadata[2]
+    state["t0"] = torch.zeros(5)  # a new shape: planned again by DCP, then cached again
+    workdir = str(tmp_path / "s3")
+    storage.makedirs(workdir)
+    write_items(state, storage, workdir, rank=0, group=None, threads=2, cache=cache)
+    assert cache.hits == 2
+    back = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(back, checkpoint_id=workdir)
+    assert torch.equal(back["t0"], torch.zeros(5))
+
+
+def test_a_checkpointer_with_many_small_tensors_restores_bit_exact_after_cached_saves(root):
+    state = {f"w{i}": torch.randn(16) for i in range(2000)}
+    with distckpt.Checkpointer(root, {"s": state}, async_save=True) as ckpt:
+        for step in range(1, 4):
+            for t in state.values():
+                t.mul_(2)
+            ckpt.save(step)
+        ckpt.wait()
+        assert ckpt._parts.engine.plans.hits == 2  # steps 2 and 3 reused step 1's plan
+    expect = {k: v.clone() for k, v in state.items()}
+    for t in state.values():
+        t.zero_()
+    with distckpt.Checkpointer(root, {"s": state}, read_only=True) as ckpt:
+        assert ckpt.restore().step == 3
+    assert all(torch.equal(state[k], expect[k]) for k in state)
+    assert distckpt.open(root).verify().ok
