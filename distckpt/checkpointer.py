@@ -345,7 +345,13 @@ class _Parts:
             ranks.add_group("up")  # the uploader's own collectives
         engine = make_engine(opts.mode, opts.write_threads)
         nbytes = recs.estimate_bytes(engine.full_state)
-        stager = make_stager(opts.stager, cuda_state=recs.on_cuda(), state_bytes=nbytes, budget=opts.staging_budget)
+        stager = make_stager(
+            opts.stager,
+            cuda_state=recs.on_cuda(),
+            state_bytes=nbytes,
+            budget=opts.staging_budget,
+            async_save=opts.async_save,
+        )
         if engine.writes(ranks):
             stager.reserve(nbytes)
         nonce, lease = open_tiers(ranks, topology, tiers, opts.read_only)

@@ -240,8 +240,8 @@ class Saves:
             "recoverables": job.skeletons,
             "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
             "tensors": results[0][1],
-            # staged copies are contiguous, which lets restore read raw bytes in place
-            "layout": "any" if job.staged.live else "contiguous",
+            # every item is written as plain row-major data (dcp/writer.py): restore reads it raw
+            "layout": "contiguous",
         }
         data = json.dumps(state, allow_nan=True).encode()
         storage.write_bytes(storage.join(workdir, STATE_FILE), data)

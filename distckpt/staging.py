@@ -239,9 +239,13 @@ def _sync_devices(tensors: dict[str, torch.Tensor]) -> None:
 STAGERS = ("auto", "host", "pinned", "gpu", "direct")
 
 
-def make_stager(kind: Any, *, cuda_state: bool, state_bytes: int, budget: int | None) -> Stager:
-    """Choose a stager. ``auto``: pinned pool for CUDA state, host pool otherwise, and
-    direct (blocking, bounded memory) when the state exceeds ``budget`` bytes."""
+def make_stager(
+    kind: Any, *, cuda_state: bool, state_bytes: int, budget: int | None, async_save: bool = True
+) -> Stager:
+    """Choose a stager. ``auto``: pinned pool for CUDA state; for host state a host pool when
+    saves run in the background, and direct (no copy: a synchronous save blocks training
+    anyway, so a copy would only cost time and memory) otherwise; direct as well when the
+    state exceeds ``budget`` bytes."""
     if not isinstance(kind, str):
         return kind
     if kind not in STAGERS:
@@ -255,7 +259,7 @@ def make_stager(kind: Any, *, cuda_state: bool, state_bytes: int, budget: int | 
         )
         return DirectStager()
     if kind == "auto":
-        kind = "pinned" if cuda_state else "host"
+        kind = "pinned" if cuda_state else "host" if async_save else "direct"
     if kind == "gpu":
         if not cuda_state:
             raise ValueError("stager='gpu' needs CUDA tensors in the state")
