@@ -9,11 +9,7 @@ over their staged copy (``rewrap``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import threading
-from typing import Any
 
 import torch
 
@@ -26,8 +22,6 @@ except ImportError:  # pragma: no cover
 
 ALIGN = 64  # bytes; keeps every slice aligned for vectorised copies and O_DIRECT-friendly
 _PAGE = 4096
-_HUGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
-_MADV_HUGEPAGE = 14
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -72,15 +66,11 @@ class Arena:
     def __init__(self, nbytes: int, device: str = "cpu", pin: bool = False) -> None:
         self.nbytes, self.device, self.pinned = max(int(nbytes), ALIGN), device, False
         if device == "cpu":
-            # aligned to a huge page and a whole number of them (cudaHostRegister wants page
-            # alignment; huge pages fault in hundreds of times fewer faults)
-            page = _HUGE if self.nbytes >= _HUGE else _PAGE
-            size = -(-self.nbytes // page) * page
-            raw = torch.empty(size + page, dtype=torch.uint8)
-            start = -raw.data_ptr() % page
+            # page-aligned and a whole number of pages, as cudaHostRegister wants
+            size = -(-self.nbytes // _PAGE) * _PAGE
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _PAGE
             self.buf = raw[start : start + size]
-            if page == _HUGE:
-                _advise_huge(self.buf.data_ptr(), size)
             self.buf.zero_()  # fault every page in now (multi-threaded), not on a save
             if pin:
                 self.pinned = _register(self.buf)
@@ -108,22 +98,6 @@ class Arena:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
             self.pinned = False
-
-
-def _advise_huge(addr: int, size: int) -> None:
-    """Ask for transparent huge pages (``madvise(MADV_HUGEPAGE)``): faulting a GB-sized pool
-    in then takes a few hundred faults instead of 250,000. A hint; ignored where unsupported."""
-    libc = _libc()
-    if libc is not None:
-        libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), _MADV_HUGEPAGE)
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover - not Linux/glibc
-        return None
 
 
 def _register(buf: torch.Tensor) -> bool:
