@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import retention
+from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
 from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
@@ -112,9 +113,13 @@ class Saves:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._pending: deque[SaveHandle] = deque()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save") if self.async_save else None
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="distckpt-save", initializer=yield_to_training)
+            if self.async_save
+            else None
+        )
         self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
-        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention")
+        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention", initializer=yield_to_training)
         self._janitor_job: Future | None = None
 
     # --- 1 + 2: on the training thread ----------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from .arena import Arena, ArenaPool, layout, local_part, rewrap
+from .background import yield_to_training
 from .log import log
 
 
@@ -101,6 +102,7 @@ class PoolStager:
             return
 
         def allocate() -> None:
+            yield_to_training()
             try:
                 self.host.give(self.host.take(nbytes))
             except Exception as e:  # noqa: BLE001 - the first save will allocate instead

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import retention
+from .background import yield_to_training
 from .errors import CheckpointError
 from .layout.catalog import CheckpointInfo
 from .layout.manifest import Manifest
@@ -50,7 +51,7 @@ class Uploader:
         self.ranks, self.local, self.remote, self.topology = ranks, local, remote, topology
         self.policy, self.local_keep, self.check_lease = policy, local_keep, check_lease
         self.threads, self.max_queued, self.pointers = threads, max_queued, pointers
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-upload")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-upload", initializer=yield_to_training)
         self._lock = threading.Lock()
         self._futures: deque[tuple[int, Future]] = deque()
         self.pending: set[int] = set()  # steps committed locally, not yet on the remote tier
