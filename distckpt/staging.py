@@ -4,8 +4,9 @@ The ``Stager`` seam has the shape of DCP's ``AsyncStager`` (``stage`` on the tra
 thread, ``close``), with two differences that keep memory flat: the pool is reserved ahead
 of the first save, and ``stage`` returns a ``Staged`` handle whose buffers go back to the
 pool once the save is written. Call order for one save, on every rank that writes:
-  0. (construction; the allocation runs on a background thread) ``reserve(nbytes)``: the
-     pool exists before the first save, so its cost never lands on a save's stall.
+  0. (construction) ``reserve(nbytes)``: the pool's arena exists at once and its pages are
+     faulted in on a background thread; a save that comes before that is done takes the
+     arena over without waiting (and faults the part not reached yet as it copies).
   1. (training thread) ``stage(tensors) -> Staged``: only the copy; the one part of
      ``save()`` that blocks training.
   2. (save thread) ``staged.materialize() -> {fqn: cpu tensor}`` for the writer (the
@@ -92,32 +93,52 @@ class PoolStager:
         self.name = "pinned" if pin else "host"
         self.host = ArenaPool("cpu", pin)
         self._reserving: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @property
     def capacity(self) -> int:
         return self.host.capacity
 
     def reserve(self, nbytes: int) -> None:
+        """The arena is in the pool at once (virtual memory); its pages are faulted in, and
+        pinned for CUDA sources, on a background thread."""
         if nbytes <= 0:
             return
+        try:
+            arena = self.host.add(nbytes)
+        except Exception as e:  # noqa: BLE001 - the first save will allocate instead
+            log.warning("could not reserve %.3f GB of staging memory ahead of time: %s", nbytes / 1e9, e)
+            return
 
-        def allocate() -> None:
+        def fault_in() -> None:
             yield_to_training()
-            try:
-                self.host.give(self.host.take(nbytes))
-            except Exception as e:  # noqa: BLE001 - the first save will allocate instead
-                log.warning("could not reserve %.3f GB of staging memory ahead of time: %s", nbytes / 1e9, e)
+            if arena.fault_in(stop=self._stop.is_set) and self.host.pin:
+                arena.pin()
 
-        self._reserving = threading.Thread(target=allocate, name="distckpt-reserve", daemon=True)
+        self._stop.clear()
+        self._reserving = threading.Thread(target=fault_in, name="distckpt-reserve", daemon=True)
         self._reserving.start()
 
     def wait_reserved(self) -> None:
+        """Until the reserve has faulted in (and pinned) the whole pool."""
         if self._reserving is not None and self._reserving.is_alive():
-            log.info("waiting for the staging pool allocation to finish")
             self._reserving.join()
 
+    def _claim(self) -> None:
+        """(stage) Take the pool over from a reserve still running. A host pool stops it at
+        its next chunk: the save copies at memcpy speed into what is faulted and faults the
+        rest as it copies, never waiting on the background. A pinned pool waits: pinning
+        needs every page."""
+        if self._reserving is None or not self._reserving.is_alive():
+            return
+        if self.host.pin:
+            log.info("waiting for the staging pool to be pinned")
+        else:
+            self._stop.set()
+        self._reserving.join()
+
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
-        self.wait_reserved()
+        self._claim()
         offsets, total = layout(tensors)
         arena = self.host.take(total)
         copies = _copy_into(arena, tensors, offsets, non_blocking=arena.pinned)
@@ -126,6 +147,7 @@ class PoolStager:
         return HostStaged(staged, total, on_release=lambda: self.host.give(arena))
 
     def close(self) -> None:
+        self._stop.set()
         self.wait_reserved()
         self.host.close()
 
@@ -181,7 +203,7 @@ class _DeviceStaged:
         self.host: Arena | None = None
 
     def materialize(self) -> dict[str, torch.Tensor]:
-        self.stager.wait_reserved()
+        self.stager._claim()
         host = self.host = self.stager.host.take(self.nbytes)
         stream = torch.cuda.Stream(device=self.stager.device)
         with torch.cuda.stream(stream):

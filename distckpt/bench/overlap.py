@@ -20,11 +20,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from .child import run_child
 
 METHODS = ("torch.save", "dcp.save", "dcp.async_save", "dcp.async_save[process]", "distckpt async")
 
@@ -194,16 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.rounds):
         for name in names:
             print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
-            out_json = os.path.join(args.out, ".child.json")
-            cmd = [sys.executable, "-m", "distckpt.bench.overlap", "--child", name, "--json", out_json,
-                   "--size-gb", str(args.size_gb), "--rounds", "1", "--dir", args.dir]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
-            if proc.returncode != 0 or not os.path.exists(out_json):
-                results["methods"][name].append({"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-                print(f"  {name} failed: {results['methods'][name][-1]['error']}", flush=True)
-                continue
-            results["methods"][name].append(json.load(open(out_json)))
-            os.remove(out_json)
+            argv = ["--size-gb", str(args.size_gb), "--rounds", "1", "--dir", args.dir]
+            results["methods"][name].append(run_child("distckpt.bench.overlap", name, args.out, argv, args.timeout))
     return results
 
 

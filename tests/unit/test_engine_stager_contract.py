@@ -91,3 +91,22 @@ def test_stage_is_a_snapshot_and_memory_is_reused(stager_kind):
         original = {k: v.clone() for k, v in state.items()}
     assert len(set(capacities)) == 1  # reserved once, reused by every save
     stager.close()
+
+
+def test_a_save_right_after_reserve_takes_the_pool_over_without_waiting():
+    """The reserve faults the pool in on a background thread; a save arriving first stops it
+    at its next chunk and copies into the same arena (faulting the rest itself), instead
+    of waiting for the whole reserve. The background must never write into staged data."""
+    state = {f"t{i}": torch.randn(1 << 20) for i in range(64)}  # 256 MiB
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    stager = PoolStager(pin=False)
+    stager.reserve(nbytes)
+    (arena,) = stager.host._free
+    staged = stager.stage(state)
+    assert not stager._reserving.is_alive()  # stopped, not finished behind the save's back
+    assert arena.faulted < arena.buf.numel()  # the save did not wait for the whole reserve
+    assert stager.capacity == arena.nbytes  # same arena: the pool did not grow
+    written = staged.materialize()
+    assert all(torch.equal(written[k], state[k]) for k in state)
+    staged.release()
+    stager.close()
