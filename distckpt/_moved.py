@@ -33,7 +33,7 @@ MOVED = {
     "distckpt.inspection": "distckpt.tools.reader",
     "distckpt.lease": "distckpt.layout.lease",
     "distckpt.manifest": "distckpt.layout.manifest",
-    "distckpt.reader": "distckpt.dcp.fast_reader",
+    "distckpt.reader": "distckpt.dcp.shared_reader",
     "distckpt.restoring": "distckpt.restore",
     "distckpt.saving": "distckpt.save",
     "distckpt.tiers": "distckpt.upload",

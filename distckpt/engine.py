@@ -6,7 +6,8 @@ Both write plain DCP folders through ``distckpt.dcp`` (so ``dcp.load`` reads any
   Checkpointer's private gloo group; DCP deduplicates replicated tensors and reshards on load.
 * ``ChiefEngine``: the state is gathered to full tensors (a collective for FSDP/DTensor
   models, done by the recoverables with ``full_state``), rank 0 alone writes it as a
-  single-rank DCP folder, and every rank reads the whole of it back on its own.
+  single-rank DCP folder, and every rank loads the whole of it back (the files themselves
+  are read once across the ranks and broadcast: ``dcp.shared_reader``).
 
 Call order: (all ranks, training thread) the recoverables build the state, full or sharded
 as ``full_state`` says; (ranks where ``writes(ranks)``) the stager copies it; (all ranks,
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .dcp import read_items, write_items
+from .dcp import ReadCounter, read_items, write_items
 from .dcp.plan_cache import PlanCache
 from .layout.manifest import FileRecord
 from .ranks import Ranks
@@ -42,10 +43,20 @@ class Engine(Protocol):
         ...
 
     def read(
-        self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ranks: Ranks, contiguous: bool
-    ) -> None:
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ranks: Ranks,
+        contiguous: bool,
+        *,
+        shared: bool = True,
+        files: dict[str, FileRecord] | None = None,
+    ) -> ReadCounter:
         """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``;
-        ``contiguous``: its items are known to be contiguous (the fast reader applies)."""
+        ``contiguous``: its items are distckpt's own framed tensors (the shared reader
+        applies); ``shared``: every rank sees the same files (each is then read once across
+        the ranks); ``files``: the manifest's records, to checksum the files as they are read."""
         ...
 
 
@@ -69,9 +80,19 @@ class ShardedEngine:
         )
 
     def read(
-        self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ranks: Ranks, contiguous: bool
-    ) -> None:
-        read_items(tensors, storage, stepdir, group=ranks.group("fg"), contiguous=contiguous)
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ranks: Ranks,
+        contiguous: bool,
+        *,
+        shared: bool = True,
+        files: dict[str, FileRecord] | None = None,
+    ) -> ReadCounter:
+        group = ranks.group("fg")
+        share = group if shared else None
+        return read_items(tensors, storage, stepdir, group=group, contiguous=contiguous, share=share, files=files)
 
 
 class ChiefEngine(ShardedEngine):
@@ -89,9 +110,20 @@ class ChiefEngine(ShardedEngine):
         return write_items(tensors, storage, workdir, rank=0, group=None, threads=self.write_threads, cache=self.plans)
 
     def read(
-        self, tensors: dict[str, torch.Tensor], stepdir: str, storage: Storage, ranks: Ranks, contiguous: bool
-    ) -> None:
-        read_items(tensors, storage, stepdir, group=None, contiguous=contiguous)  # each rank reads it all
+        self,
+        tensors: dict[str, torch.Tensor],
+        stepdir: str,
+        storage: Storage,
+        ranks: Ranks,
+        contiguous: bool,
+        *,
+        shared: bool = True,
+        files: dict[str, FileRecord] | None = None,
+    ) -> ReadCounter:
+        # every rank loads the full state on its own (DCP without a group); the files are
+        # still read once across the ranks and broadcast
+        share = ranks.group("fg") if shared else None
+        return read_items(tensors, storage, stepdir, group=None, contiguous=contiguous, share=share, files=files)
 
 
 ENGINES: dict[str, type[ShardedEngine]] = {"sharded": ShardedEngine, "chief": ChiefEngine}

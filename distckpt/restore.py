@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .dcp import ReadCounter
 from .engine import Engine
 from .errors import (
     CheckpointError,
@@ -50,6 +51,7 @@ class Restorer:
     def __init__(self, ranks: Ranks, topology: Topology, tiers: Tiers, engine: Engine) -> None:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
         self.url = tiers.primary.storage.url
+        self.last_read: list[ReadCounter] = []  #: per rank: what the last restore asked of storage
 
     def _candidates(self, selection: dict[str, Any]) -> list[tuple[int, list[str]]]:
         """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
@@ -89,7 +91,7 @@ class Restorer:
                 tier = self.tiers.by_name[name]
                 try:
                     man, state = self._check(tier, candidate, verify)
-                    return self._load(tier, adapters, candidate, man, state, strict)
+                    return self._load(tier, adapters, candidate, man, state, strict, verify)
                 except (CheckpointError, CorruptCheckpointError) as e:
                     _raise_if_incompatible(e)
                     failures.append(f"step {candidate} ({name}): {e}")
@@ -113,10 +115,12 @@ class Restorer:
 
         def check() -> None:
             man = tier.catalog.read_manifest(step)
-            found["state"] = tier.catalog.read_state(step, man)
+            found["state"] = state = tier.catalog.read_state(step, man)
             found["manifest"] = man
+            in_load = _checked_while_loading(state)
             for name in self.topology.files_to_check(tier, man):
-                problem = tier.catalog.file_problem(step, man, name, verify=verify)
+                # sizes always; checksums here only for files the load will not checksum itself
+                problem = tier.catalog.file_problem(step, man, name, verify=verify and not in_load(name))
                 if problem is not None:
                     raise CorruptCheckpointError(f"step {step}: {name}: {problem}")
 
@@ -126,7 +130,14 @@ class Restorer:
     # --- 3 + 4. matching and loading ------------------------------------------------------
 
     def _load(
-        self, tier: Tier, adapters: dict[str, Adapter], step: int, man: Manifest, state: dict[str, Any], strict: bool
+        self,
+        tier: Tier,
+        adapters: dict[str, Adapter],
+        step: int,
+        man: Manifest,
+        state: dict[str, Any],
+        strict: bool,
+        verify: bool,
     ) -> CheckpointInfo:
         saved = state.get("recoverables", {})
         plan = self._plan(adapters, saved, state, strict, step)
@@ -137,9 +148,14 @@ class Restorer:
         stepdir = tier.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
-        self.ranks.agree(
-            lambda: self.engine.read(load, stepdir, tier.storage, self.ranks, contiguous), f"reading step {step}"
+        files = man.files if verify else None
+        counts = self.ranks.agree(
+            lambda: self.engine.read(
+                load, stepdir, tier.storage, self.ranks, contiguous, shared=tier.shared, files=files
+            ),
+            f"reading step {step}",
         )
+        self.last_read = [c or ReadCounter() for c in counts]
 
         def apply() -> None:
             with restoring(man.meta):
@@ -147,13 +163,18 @@ class Restorer:
 
         self.ranks.agree(apply, f"applying step {step}")
         info = replace(tier.catalog.info(man), tier=tier.name)
+        read = sum(c.bytes for c in self.last_read)
         log.info(
-            "restored step %d from %s (%s tier; saved by %d ranks in %s mode)",
+            "restored step %d from %s (%s tier; saved by %d ranks in %s mode); all ranks together read %.3f GB "
+            "from storage (%.2fx the step's files), %.3f GB came from other ranks",
             step,
             info.url,
             tier.name,
             man.world_size,
             man.mode,
+            read / 1e9,
+            read / max(1, man.nbytes),
+            sum(c.broadcast_bytes for c in self.last_read) / 1e9,
         )
         return info
 
@@ -248,6 +269,14 @@ class Restorer:
             )
             return
         adapter.load(join(mine, {}), self.engine.full_state, True)
+
+
+def _checked_while_loading(state: dict[str, Any]) -> Any:
+    """Which files of a step the load reads whole and checksums on its own (``SharedReader``:
+    the DCP data files of distckpt's own contiguous steps), so the check before it need not."""
+    if state.get("layout") != "contiguous":
+        return lambda name: False
+    return lambda name: name.endswith(".distcp")
 
 
 def _raise_if_incompatible(err: BaseException) -> None:

@@ -8,8 +8,8 @@ resharding as DCP does. Engines (chief or sharded), ``restore()`` and the tools
 (``distckpt.open``, export, transfer) all go through these two functions.
 
 Modules: ``fs`` (DCP's file system over ``Storage``, checksumming writes), ``safe``
-(no code from a checkpoint), ``fast_reader`` (raw reads of distckpt's contiguous items
-straight into place), ``errors`` (DCP's exceptions as ours).
+(no code from a checkpoint), ``shared_reader`` (each file read once across the ranks, in
+order, checksummed on the way, big items straight into place), ``errors`` (DCP's exceptions as ours).
 """
 
 from __future__ import annotations
@@ -27,15 +27,24 @@ from ..arena import local_part
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..layout.catalog import DCP_METADATA
 from ..layout.manifest import FileRecord, checksum_stream
-from ..storage import PosixStorage, Storage
+from ..storage import Storage
 from ..tree import dtype_name
 from .errors import unwrap_dcp_errors
 from .fs import FileRecorder, StorageFS, StorageReader
 from .plan_cache import Plan, PlanCache, signature
 from .safe import SafeLoadPlanner, load_dcp_metadata
+from .shared_reader import ReadCounter, SharedReader
 from .writer import FastWriter, run_parallel, write_file, writer_threads
 
-__all__ = ["DCP_METADATA", "load_dcp_metadata", "read_items", "tensor_table", "unwrap_dcp_errors", "write_items"]
+__all__ = [
+    "DCP_METADATA",
+    "ReadCounter",
+    "load_dcp_metadata",
+    "read_items",
+    "tensor_table",
+    "unwrap_dcp_errors",
+    "write_items",
+]
 
 # A single-process save or load is exactly what distckpt means when it passes no_dist.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -98,21 +107,30 @@ def _read_back(storage: Storage, workdir: str) -> Any:
 
 
 def read_items(
-    tensors: dict[str, torch.Tensor], storage: Storage, stepdir: str, *, group: Any, contiguous: bool
-) -> None:
+    tensors: dict[str, torch.Tensor],
+    storage: Storage,
+    stepdir: str,
+    *,
+    group: Any,
+    contiguous: bool,
+    share: Any = None,
+    files: dict[str, FileRecord] | None = None,
+) -> ReadCounter:
     """(every rank in ``group``, or one rank alone) Fill ``tensors`` in place from the step at
-    ``stepdir``. ``contiguous``: its items are plain contiguous tensors (distckpt's staged
-    saves), which local storage reads raw, straight into place."""
+    ``stepdir``. ``contiguous``: its items are distckpt's own framed tensors, which
+    ``SharedReader`` reads whole-file and in order, each file once across the ranks of
+    ``share`` (a process group; None: this rank reads what it needs itself), checking each
+    file read against ``files`` (the manifest's records; None: no checksums). Returns what
+    was asked of storage."""
     if not tensors:
-        return
-    if contiguous and isinstance(storage, PosixStorage):
-        from .fast_reader import FastReader
-
-        reader: Any = FastReader(storage, stepdir, threads=min(8, os.cpu_count() or 1))
+        return ReadCounter()
+    if contiguous:
+        reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=min(8, os.cpu_count() or 1))
     else:
         reader = StorageReader(storage, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
         dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group, no_dist=group is None)
+    return getattr(reader, "counter", ReadCounter())
 
 
 def tensor_table(md: Metadata | None) -> dict[str, Any]:

@@ -1,0 +1,406 @@
+"""Restores that read every byte of a step from storage once, whatever the number of ranks.
+
+DCP plans the load as always (so resharding works unchanged), and every rank knows which
+stored items it needs. Then, instead of each rank reading what it needs (in chief mode and
+DDP every rank needs everything: N ranks read the checkpoint N times), the ranks agree on
+who reads what (one ``all_gather`` of file names):
+
+* a file that one rank needs is read by that rank alone (FSDP: every rank its own shards);
+* a file that several ranks need is read by one rank - the one with the fewest bytes to
+  read so far, so the files are striped over the ranks - and streamed in chunks that are
+  broadcast over the job's gloo group; chunks of different files alternate, so the readers
+  read at the same time, each ahead of the broadcasts on a thread of its own.
+
+Every file is read whole and in order, and checksummed (XXH3, against the manifest) in the
+same pass: no second read to verify. An item is located without reading anything: distckpt
+frames every tensor the same way (``writer.frame``), so its data starts right after a frame
+head that depends only on its dtype and shape; the head's bytes are compared as they stream
+by, and an item whose head differs (a checkpoint from another writer or torch) is read
+again through DCP's own item loop, never taken on trust. Large items of a file read by one
+rank land straight in their destination tensors (no copy).
+
+Errors never stop a rank in the middle of the schedule (the others would wait on its next
+broadcast): a failed read streams zeros in its place, and every problem - I/O error,
+checksum mismatch - is raised at the end, on the rank that found it; the caller's
+collective error handling makes every rank fall back together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
+
+from ..errors import CorruptCheckpointError
+from ..layout.manifest import Checksum, FileRecord
+from ..storage import Storage
+from .fs import StorageReader
+from .writer import frame
+
+CHUNK = 32 << 20  # bytes per broadcast (and per read of a shared file)
+_DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
+_AHEAD = 3  # chunks a reader may read ahead of the broadcasts
+
+
+@dataclasses.dataclass
+class ReadCounter:
+    """Bytes and read calls this reader asked of storage (for stats and the benchmark)."""
+
+    bytes: int = 0
+    reads: int = 0
+    files: int = 0
+    broadcast_bytes: int = 0
+
+
+@dataclasses.dataclass
+class _Item:
+    """One stored item this rank needs: where its frame head and data lie in the file, and
+    where its bytes go."""
+
+    head_at: int
+    head: bytes
+    start: int  # first data byte in the file
+    nbytes: int
+    reqs: list[Any]
+    dst: Any = None  # a uint8 view of the destination when the bytes can land there directly
+    tmp: torch.Tensor | None = None  # else a buffer the item is assembled in, then copied
+    seen_head: bytearray = dataclasses.field(default_factory=bytearray)
+    got: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+    def sink(self) -> Any:
+        if self.dst is None and self.tmp is None:
+            self.tmp = torch.empty(self.nbytes, dtype=torch.uint8)
+        return self.dst if self.dst is not None else self.tmp.numpy()
+
+
+class _File:
+    """The items of one file this rank needs, fed with the file's bytes in order."""
+
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = sorted(items, key=lambda i: i.head_at)
+        self._next = 0  # items before this one are complete
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Bytes ``[offset, offset + len(data))`` of the file."""
+        end = offset + len(data)
+        i = self._next
+        while i < len(self.items) and self.items[i].head_at < end:
+            item = self.items[i]
+            a, b = max(offset, item.head_at), min(end, item.start)
+            if a < b and len(item.seen_head) == a - item.head_at:
+                item.seen_head += data[a - offset : b - offset]
+            a, b = max(offset, item.start), min(end, item.end)
+            if a < b:
+                memoryview(item.sink()).cast("B")[a - item.start : b - item.start] = data[a - offset : b - offset]
+                item.got += b - a
+            if item.end <= end and i == self._next:
+                self._next += 1
+            i += 1
+
+
+class SharedReader(StorageReader):
+    """DCP's reader (restricted metadata unpickling included) that reads each file once across
+    ``group`` (None: this rank alone) and checks it against ``files`` (the manifest's records;
+    None: no checksums)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        path: str,
+        *,
+        group: Any = None,
+        files: dict[str, FileRecord] | None = None,
+        threads: int = 4,
+    ) -> None:
+        super().__init__(storage, path)
+        self.storage_, self.group, self.files, self.threads = storage, group, files, max(1, threads)
+        self.counter = ReadCounter()
+        self._md: Metadata | None = None
+        self._lock = threading.Lock()
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._md = metadata
+
+    # --- the plan ------------------------------------------------------------------------
+
+    def read_data(self, plan: Any, planner: Any) -> Future:
+        mine: dict[str, list[_Item]] = defaultdict(list)
+        rest = []  # items that are not plain tensors: DCP's own item loop
+        by_index: dict[Any, list[Any]] = defaultdict(list)
+        for req in plan.items:
+            by_index[req.storage_index].append(req)
+        for index, reqs in by_index.items():
+            item = self._item(index, reqs, planner)
+            if item is None:
+                rest += reqs
+            else:
+                mine[self.storage_data[index].relative_path].append(item)
+        files = {name: _File(items) for name, items in mine.items()}
+        errors = self._read(files)
+        slow = [req for f in files.values() for item in f.items if not self._finish(item, planner) for req in item.reqs]
+        if errors:
+            raise errors[0]
+        if rest or slow:
+            return super().read_data(dataclasses.replace(plan, items=rest + slow), planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _item(self, index: Any, reqs: list[Any], planner: Any) -> _Item | None:
+        spec = self._source_spec(index)
+        if spec is None or any(r.type != LoadItemType.TENSOR for r in reqs):
+            return None
+        dtype, shape = spec
+        info = self.storage_data[index]
+        head, tail = frame(dtype, tuple(shape))
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if info.length != len(head) + nbytes + len(tail):
+            return None
+        item = _Item(info.offset, head, info.offset + len(head), nbytes, reqs)
+        if len(reqs) == 1:
+            req = reqs[0]
+            target = planner.resolve_tensor(req).detach()
+            whole = tuple(req.storage_offsets) == (0,) * len(shape) and tuple(req.lengths) == tuple(shape)
+            if whole and target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+                if tuple(target.shape) == tuple(shape) and nbytes:
+                    item.dst = target.reshape(-1).view(torch.uint8).numpy()
+        return item
+
+    def _source_spec(self, index: Any) -> tuple[torch.dtype, torch.Size] | None:
+        item = self._md.state_dict_metadata.get(index.fqn) if self._md else None
+        for chunk in getattr(item, "chunks", None) or []:
+            if tuple(chunk.offsets) == tuple(index.offset or ()):
+                return item.properties.dtype, chunk.sizes
+        return None
+
+    def _finish(self, item: _Item, planner: Any) -> bool:
+        """Move an assembled item into its destinations; False when it must be read by DCP."""
+        if bytes(item.seen_head) != item.head or item.got != item.nbytes:
+            return False
+        for req in item.reqs:
+            target = planner.resolve_tensor(req).detach()
+            if item.dst is None:
+                spec = self._source_spec(req.storage_index)
+                assert spec is not None
+                src = item.tmp.view(spec[0]).view(spec[1]) if item.tmp is not None else torch.empty(0, dtype=spec[0])
+                target.copy_(narrow_tensor_by_index(src, req.storage_offsets, req.lengths))
+            planner.commit_tensor(req, target)
+        item.tmp = None
+        return True
+
+    # --- who reads what ---------------------------------------------------------------------
+
+    def _read(self, files: dict[str, _File]) -> list[BaseException]:
+        """Read every file this rank needs; returns the problems found (never raises midway)."""
+        sizes = {name: self._size(name) for name in files}
+        if self.group is None:
+            needs = [sizes]
+            rank = 0
+        else:
+            needs = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(needs, sizes, group=self.group)
+            rank = dist.get_rank(self.group)
+        solo, shared = _schedule(needs)
+        errors: list[BaseException] = []
+        solo_mine = [name for name, r in solo.items() if r == rank]
+        worker = threading.Thread(target=self._read_solo, args=(solo_mine, files, errors), name="distckpt-read")
+        worker.start()
+        try:
+            if shared:
+                self._stream_shared(shared, files, rank, errors)
+        finally:
+            worker.join()
+        return errors
+
+    def _size(self, name: str) -> int:
+        rec = (self.files or {}).get(name)
+        return rec.size if rec is not None else self.storage_.size(self.storage_.join(str(self.path), name))
+
+    def _open(self, name: str) -> tuple[Any, Checksum | None]:
+        with self._lock:
+            self.counter.files += 1
+        f = self.storage_.open_read(self.storage_.join(str(self.path), name))
+        return f, (Checksum() if self.files is not None and name in self.files else None)
+
+    def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"unexpected end of file after {done} of {len(view)} bytes")
+            done += n
+        with self._lock:
+            self.counter.bytes += len(view)
+            self.counter.reads += 1
+        if hasher is not None:
+            hasher.update(view)
+
+    def _check(self, name: str, hasher: Checksum | None) -> None:
+        rec = (self.files or {}).get(name)
+        if hasher is None or rec is None:
+            return
+        if hasher.size != rec.size or hasher.hexdigest() != rec.checksum:
+            raise CorruptCheckpointError(
+                f"{name}: checksum mismatch while loading ({Checksum.name} {hasher.hexdigest()} over {hasher.size} "
+                f"bytes, manifest {rec.checksum} over {rec.size}): the file is corrupt"
+            )
+
+    # --- a file only this rank needs: read in order, big items straight into place ---------
+
+    def _read_solo(self, names: list[str], files: dict[str, _File], errors: list[BaseException]) -> None:
+        threads = [
+            threading.Thread(target=self._solo_files, args=(names[i :: self.threads], files, errors))
+            for i in range(1, min(self.threads, len(names)))
+        ]
+        for t in threads:
+            t.start()
+        self._solo_files(names[:: self.threads] if threads else names, files, errors)
+        for t in threads:
+            t.join()
+
+    def _solo_files(self, names: list[str], files: dict[str, _File], errors: list[BaseException]) -> None:
+        scratch = memoryview(bytearray(min(CHUNK, max((self._size(n) for n in names), default=1))))
+        for name in names:
+            try:
+                self._solo_file(name, files[name], scratch)
+            except BaseException as e:  # noqa: BLE001 - reported at the end, on this rank
+                errors.append(e if isinstance(e, CorruptCheckpointError) else _explain(name, e))
+
+    def _solo_file(self, name: str, file: _File, scratch: memoryview) -> None:
+        size = self._size(name)
+        f, hasher = self._open(name)
+        with f:
+            pos = 0
+
+            def pump(end: int) -> None:
+                nonlocal pos
+                while pos < end:
+                    n = min(len(scratch), end - pos)
+                    self._readinto(f, scratch[:n], hasher)
+                    file.feed(pos, scratch[:n])
+                    pos += n
+
+            for item in file.items:
+                if item.dst is not None and item.nbytes >= _DIRECT and item.head_at >= pos:
+                    pump(item.start)  # up to the item's data, its frame head included
+                    if bytes(item.seen_head) != item.head:
+                        continue  # not framed as expected: pump() streams it; DCP reads it again
+                    self._readinto(f, memoryview(item.dst).cast("B"), hasher)
+                    item.got, pos = item.nbytes, item.end
+            pump(size)
+        self._check(name, hasher)
+
+    # --- files several ranks need: one reads, everyone receives ------------------------------
+
+    def _stream_shared(
+        self, shared: list[tuple[str, int, int, int]], files: dict[str, _File], rank: int, errors: list[BaseException]
+    ) -> None:
+        """``shared``: the global broadcast order, ``(file, start, end, reader)`` per chunk."""
+        mine = [c for c in shared if c[3] == rank]
+        ready: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for _ in range(min(_AHEAD, len(mine))):  # reused: fresh pages would cost more than the read
+            free.put(torch.empty(CHUNK, dtype=torch.uint8))
+        reader = threading.Thread(target=self._produce, args=(mine, free, ready, errors), name="distckpt-read-shared")
+        reader.start()
+        recv = torch.empty(min(CHUNK, max(e - s for _, s, e, _ in shared)), dtype=torch.uint8)
+        try:
+            for name, start, end, src in shared:
+                full = ready.get() if src == rank else recv
+                buf = full[: end - start]
+                dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group)
+                if src != rank:
+                    with self._lock:
+                        self.counter.broadcast_bytes += end - start
+                if name in files:
+                    files[name].feed(start, memoryview(buf.numpy()))
+                if src == rank:
+                    free.put(full)
+        finally:
+            while reader.is_alive():  # a failed broadcast: let the reader thread finish
+                free.put(torch.empty(CHUNK, dtype=torch.uint8))
+                reader.join(timeout=0.1)
+
+    def _produce(
+        self,
+        chunks: list[tuple[str, int, int, int]],
+        free: queue.Queue,
+        ready: queue.Queue,
+        errors: list[BaseException],
+    ) -> None:
+        """(reader thread) This rank's chunks, in broadcast order, read ahead into ``ready``."""
+        open_files: dict[str, tuple[Any, Checksum | None]] = {}
+        failed: set[str] = set()
+        last = {name: end for name, _, end, _ in chunks}
+        for name, start, end, _ in chunks:
+            buf = free.get()
+            view = memoryview(buf[: end - start].numpy())
+            if name not in failed:
+                try:
+                    if name not in open_files:
+                        open_files[name] = self._open(name)
+                    f, hasher = open_files[name]
+                    self._readinto(f, view, hasher)
+                    if end == last[name]:
+                        f.close()
+                        self._check(name, open_files.pop(name)[1])
+                except BaseException as e:  # noqa: BLE001 - the broadcasts go on; reported at the end
+                    failed.add(name)
+                    errors.append(e if isinstance(e, CorruptCheckpointError) else _explain(name, e))
+                    buf.zero_()
+            else:
+                buf.zero_()
+            ready.put(buf)
+        for f, _ in open_files.values():
+            f.close()
+
+
+def _schedule(needs: list[dict[str, int]]) -> tuple[dict[str, int], list[tuple[str, int, int, int]]]:
+    """(the same on every rank) Who reads each file: ``{file: rank}`` for files one rank needs,
+    and the broadcast order of the shared ones' chunks, ``[(file, start, end, reader)]``."""
+    ranks_of: dict[str, list[int]] = defaultdict(list)
+    sizes: dict[str, int] = {}
+    for rank, files in enumerate(needs):
+        for name, size in files.items():
+            ranks_of[name].append(rank)
+            sizes[name] = size
+    load = [0] * len(needs)
+    solo: dict[str, int] = {}
+    readers: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):  # biggest first: the stripes even out
+        holders = ranks_of[name]
+        if len(holders) == 1:
+            solo[name] = holders[0]
+            load[holders[0]] += sizes[name]
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        if len(ranks_of[name]) > 1:
+            reader = min(range(len(needs)), key=lambda r: (load[r], r))
+            readers[name] = reader
+            load[reader] += sizes[name]
+    chunks = [
+        (k, name, start, min(start + CHUNK, sizes[name]), reader)
+        for name, reader in readers.items()
+        for k, start in enumerate(range(0, max(sizes[name], 1), CHUNK))
+    ]
+    chunks.sort(key=lambda c: (c[0], c[1]))  # round-robin over files: the readers read at once
+    return solo, [(name, start, end, reader) for _, name, start, end, reader in chunks]
+
+
+def _explain(name: str, e: BaseException) -> CorruptCheckpointError:
+    err = CorruptCheckpointError(f"{name}: reading failed ({type(e).__name__}: {e})")
+    err.__cause__ = e
+    return err
