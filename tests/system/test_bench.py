@@ -106,3 +106,20 @@ def test_tensors_bench_times_many_small_tensors_against_torch_save(tmp_path):
         assert summary["torch.save"]["save_x"] == 1.0  # the ratios are to torch.save of the same round
     assert "cost per tensor at 800 vs 200 tensors" in proc.stdout
     assert (out / "tensors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_restore_bench_counts_what_storage_served_per_number_of_ranks(tmp_path):
+    out = tmp_path / "restore"
+    cmd = [sys.executable, "-m", "benchmarks.restore_bench", "--size-gb", "0.01", "--ranks", "1,2", "--no-s3",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = json.loads((out / "restore.json").read_text())["runs"]
+    assert {(r["mode"], r["method"], r["ranks"]) for r in runs} == {
+        (m, w, k) for m in ("chief", "sharded") for w in ("distckpt", "dcp.load") for k in (1, 2)
+    }
+    for r in runs:
+        assert r["bit_exact"] and r["seconds"] > 0 and r["served_bytes"] > 0, r
+    dcp2 = [r for r in runs if r["method"] == "dcp.load" and r["ranks"] == 2]
+    assert all(r["served_x"] > 1.8 for r in dcp2)  # the reference reads once per rank: the count sees it
+    assert (out / "restore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
