@@ -90,9 +90,13 @@ class ShardedEngine:
         shared: bool = True,
         files: dict[str, FileRecord] | None = None,
     ) -> ReadCounter:
-        group = ranks.group("fg")
-        share = group if shared else None
+        share = ranks.group("fg") if shared else None  # who reads each file once for the others
+        group = self._load_group(ranks)
         return read_items(tensors, storage, stepdir, group=group, contiguous=contiguous, share=share, files=files)
+
+    def _load_group(self, ranks: Ranks) -> Any:
+        """The group DCP plans the load over: every rank's own shards."""
+        return ranks.group("fg")
 
 
 class ChiefEngine(ShardedEngine):
@@ -109,21 +113,10 @@ class ChiefEngine(ShardedEngine):
             return [], {}
         return write_items(tensors, storage, workdir, rank=0, group=None, threads=self.write_threads, cache=self.plans)
 
-    def read(
-        self,
-        tensors: dict[str, torch.Tensor],
-        stepdir: str,
-        storage: Storage,
-        ranks: Ranks,
-        contiguous: bool,
-        *,
-        shared: bool = True,
-        files: dict[str, FileRecord] | None = None,
-    ) -> ReadCounter:
-        # every rank loads the full state on its own (DCP without a group); the files are
-        # still read once across the ranks and broadcast
-        share = ranks.group("fg") if shared else None
-        return read_items(tensors, storage, stepdir, group=None, contiguous=contiguous, share=share, files=files)
+    def _load_group(self, ranks: Ranks) -> Any:
+        """None: every rank loads the full state on its own (the files are still read once
+        across the ranks and broadcast)."""
+        return None
 
 
 ENGINES: dict[str, type[ShardedEngine]] = {"sharded": ShardedEngine, "chief": ChiefEngine}
