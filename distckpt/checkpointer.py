@@ -54,7 +54,9 @@ class Checkpointer:
         keep: a ``Keep`` or any ``RetentionPolicy``; ``None`` keeps everything.
         storage_options: passed to fsspec (S3 endpoint, credentials, retries).
         local_dir, local_keep: a node-local tier in front of ``url`` (see README).
-        process_group: the ranks to coordinate (default: the whole job).
+        process_group: the ranks to coordinate (default: the whole job); ``"local"``: this
+            process alone, with no collectives, for frameworks that call checkpoint I/O on
+            one rank only (Lightning's ``CheckpointIO``: see ``distckpt.integrations``).
         timeout: for collectives; a rank that dies makes the others fail after this.
         write_threads: files written in parallel per rank.
         stager: ``"auto"``, ``"host"``, ``"pinned"``, ``"gpu"``, ``"direct"`` or a ``Stager``.

@@ -69,6 +69,10 @@ class RankContext:
     def __init__(self, process_group: Any = None, timeout: timedelta = timedelta(minutes=30)) -> None:
         self.timeout = timeout
         self.groups: dict[str, Any] = {}
+        if process_group == "local":  # this process alone: no collectives (see Checkpointer)
+            self.rank, self.world_size = 0, 1
+            self._ranks = None
+            return
         if not (dist.is_available() and dist.is_initialized()):
             env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
             if env_world > 1:

@@ -21,14 +21,14 @@ from tests.support.s3 import S3_SERVERS, s3_bucket
 logging.getLogger("distckpt").setLevel(logging.INFO)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
-LAYERS = ("unit", "multirank", "system")
+LAYERS = {"unit": "unit", "multirank": "multirank", "system": "system", "integrations": "integration"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         layer = os.path.basename(os.path.dirname(str(item.path)))
         if layer in LAYERS:
-            item.add_marker(getattr(pytest.mark, layer))
+            item.add_marker(getattr(pytest.mark, LAYERS[layer]))
 
 
 @pytest.fixture

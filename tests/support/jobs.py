@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from filelock import FileLock
 
 from tests.support import REPO
@@ -70,6 +71,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it at once (torchrun and its workers)."""
+    if proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
 
 
 def torchrun_cmd(ckpt_dir: str, *extra: str, launcher: list[str] | None = None) -> list[str]:

@@ -242,16 +242,6 @@ def _workers(launcher_pid):
     return found if len(found) == 2 else None
 
 
-def _kill_tree(proc):
-    if proc.poll() is None:
-        for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
-
-
 def _start(cmd, log_path):
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=jobs.env(), cwd=jobs.REPO)
@@ -266,7 +256,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_ends_bit_exact(tmp_path, 
         jobs.wait_for(lambda: _workers(proc.pid), 30, "the workers")[1].kill()  # SIGKILL rank 1
         rc = proc.wait(timeout=300)
     finally:
-        _kill_tree(proc)
+        jobs.kill_tree(proc)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     resumed = [int(s) for s in jobs.RESUMED.findall(text)]
@@ -289,7 +279,7 @@ def test_torchrun_signals_stop_every_rank_save_and_restart_bit_exact(tmp_path, r
         proc.send_signal(signal.SIGUSR1)
         rc = proc.wait(timeout=300)
     finally:
-        _kill_tree(proc)
+        jobs.kill_tree(proc)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     stops = jobs.STOP.findall(text)
@@ -310,7 +300,7 @@ def test_torchrun_sh_two_nodes_on_one_machine_match_the_single_node_run(tmp_path
         rcs = [p.wait(timeout=240) for p in procs]
     finally:
         for p in procs:
-            _kill_tree(p)
+            jobs.kill_tree(p)
     text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert rcs == [0, 0], text[-4000:]
     assert jobs.result(text) == reference
