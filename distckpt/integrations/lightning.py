@@ -39,8 +39,7 @@ import torch.distributed as dist
 from ..checkpointer import Checkpointer
 from ..errors import CheckpointError, DistckptError
 from ..layout.catalog import CheckpointInfo
-from ..storage import is_local_url
-from .links import Links, parent, read_link
+from .links import Links, first_free_step, read_link, root_beside
 
 try:  # the standalone package (``pip install pytorch-lightning``) first, then the unified one
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -91,7 +90,7 @@ class DistckptCheckpointIO(CheckpointIO):
         if storage_options is not None:
             raise TypeError("DistckptCheckpointIO takes storage options in its constructor, not per save")
         path = os.fspath(path)
-        root = self._root_for(path)
+        root = root_beside(path, self.url)
         writer = self._writer(root)
         step = self._next_step[root]
         self._next_step[root] = step + 1
@@ -157,12 +156,6 @@ class DistckptCheckpointIO(CheckpointIO):
         for writer in self._writers.values():
             writer.wait()
 
-    def _root_for(self, path: str) -> str:
-        if self.url is not None:
-            return self.url
-        base = parent(path)
-        return os.path.join(base, ".distckpt") if is_local_url(base) else posixpath.join(base, ".distckpt")
-
     def _writer(self, root: str) -> Checkpointer:
         if root not in self._writers:
             writer = Checkpointer(
@@ -174,7 +167,7 @@ class DistckptCheckpointIO(CheckpointIO):
                 **self.options,
             )
             self._writers[root] = writer
-            self._next_step[root] = max((i.step for i in writer.list()), default=0) + 1
+            self._next_step[root] = first_free_step(writer)
         return self._writers[root]
 
     def _reader(self, root: str) -> Checkpointer:

@@ -76,7 +76,22 @@ def write_link(path: str, root: str, step: int, meta: dict[str, Any], storage_op
     """Write (atomically replace) the link at ``path`` naming ``step`` under ``root``."""
     storage, spath = _storage_path(path, storage_options)
     doc = {"format": FORMAT, "version": 1, "root": _relative(root, parent(path)), "step": step, "meta": meta}
+    storage.makedirs(storage.root)
     storage.write_bytes(spath, json.dumps(doc, indent=1, allow_nan=True).encode())
+
+
+def root_beside(path: str, url: str | None = None) -> str:
+    """The distckpt root for a framework path: ``url`` when given, else ``.distckpt`` in the
+    path's own directory (moving that directory moves its checkpoints with it)."""
+    if url is not None:
+        return os.fspath(url)
+    base = parent(path)
+    return os.path.join(base, ".distckpt") if is_local_url(base) else posixpath.join(base, ".distckpt")
+
+
+def first_free_step(ckpt: Any) -> int:
+    """The step number after every committed one (link targets are numbered in save order)."""
+    return max((i.step for i in ckpt.list()), default=0) + 1
 
 
 def read_link(path: str, storage_options: dict | None = None) -> Link | None:
