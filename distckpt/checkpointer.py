@@ -151,6 +151,11 @@ class Checkpointer:
         return self._parts.ranks.world_size
 
     @property
+    def read_only(self) -> bool:
+        """Opened with ``read_only=True``: restores and lists, never saves or deletes."""
+        return self._opts.read_only
+
+    @property
     def url(self) -> str:
         return self._parts.tiers.primary.storage.url
 

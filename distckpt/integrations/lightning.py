@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ..checkpointer import Checkpointer
 from ..errors import CheckpointError, DistckptError
 from ..layout.catalog import CheckpointInfo
-from .links import Links, first_free_step, read_link, root_beside
+from .links import Links, first_free_step, parent, read_link, root_beside
 
 try:  # the standalone package (``pip install pytorch-lightning``) first, then the unified one
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -91,7 +91,7 @@ class DistckptCheckpointIO(CheckpointIO):
             raise TypeError("DistckptCheckpointIO takes storage options in its constructor, not per save")
         path = os.fspath(path)
         root = root_beside(path, self.url)
-        writer = self._writer(root)
+        writer = self._writer(root, path)
         step = self._next_step[root]
         self._next_step[root] = step + 1
         meta = {
@@ -156,7 +156,7 @@ class DistckptCheckpointIO(CheckpointIO):
         for writer in self._writers.values():
             writer.wait()
 
-    def _writer(self, root: str) -> Checkpointer:
+    def _writer(self, root: str, path: str) -> Checkpointer:
         if root not in self._writers:
             writer = Checkpointer(
                 root,
@@ -168,6 +168,8 @@ class DistckptCheckpointIO(CheckpointIO):
             )
             self._writers[root] = writer
             self._next_step[root] = first_free_step(writer)
+            if self.url is None:  # the root holds this directory's checkpoints only
+                self.links.forget_unreachable(writer, _linked_steps(parent(path)))
         return self._writers[root]
 
     def _reader(self, root: str) -> Checkpointer:
@@ -175,6 +177,16 @@ class DistckptCheckpointIO(CheckpointIO):
             opts = {k: v for k, v in self.options.items() if k in ("storage_options", "timeout")}
             self._readers[root] = Checkpointer(root, mode="chief", read_only=True, **opts)
         return self._readers[root]
+
+
+def _linked_steps(directory: str) -> set[int]:
+    """Steps the links among ``directory``'s ``.ckpt`` files name."""
+    steps = set()
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.endswith(".ckpt") and os.path.isfile(os.path.join(directory, name)):
+            link = read_link(os.path.join(directory, name))
+            steps |= {link.step} if link is not None else set()
+    return steps
 
 
 def load(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

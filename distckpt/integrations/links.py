@@ -67,7 +67,7 @@ def _relative(root: str, base: str) -> str:
     if is_local_url(root) and is_local_url(base):
         root_abs = os.path.abspath(root.removeprefix("file://"))
         rel = os.path.relpath(root_abs, base)
-        return root_abs if rel.startswith("..") else rel
+        return root_abs if rel.startswith(os.path.join("..", "..")) else rel  # beside or beneath: relative
     prefix = base.rstrip("/") + "/"
     return root[len(prefix) :] if root.startswith(prefix) else root
 
@@ -78,6 +78,26 @@ def write_link(path: str, root: str, step: int, meta: dict[str, Any], storage_op
     doc = {"format": FORMAT, "version": 1, "root": _relative(root, parent(path)), "step": step, "meta": meta}
     storage.makedirs(storage.root)
     storage.write_bytes(spath, json.dumps(doc, indent=1, allow_nan=True).encode())
+
+
+def write_link_dir(
+    directory: str, name: str, root: str, step: int, meta: dict[str, Any], files: dict[str, bytes]
+) -> None:
+    """Make ``directory`` appear at once, holding ``files`` and the link ``name``: written into
+    a hidden sibling, then renamed into place (local directories only: the framework lists
+    them, and a half-written one must never be listed). Replaces an existing ``directory``."""
+    directory = os.path.abspath(directory.removeprefix("file://"))
+    tmp = os.path.join(os.path.dirname(directory), f".tmp-{os.path.basename(directory)}")
+    storage = open_storage(os.path.dirname(directory))
+    if os.path.exists(tmp):
+        storage.rmtree(tmp)
+    storage.makedirs(tmp)
+    for fname, data in files.items():
+        storage.write_bytes(os.path.join(tmp, fname), data)
+    write_link(os.path.join(tmp, name), root if not is_local_url(root) else os.path.abspath(root), step, meta)
+    if os.path.exists(directory):
+        storage.rmtree(directory)
+    storage.rename(tmp, directory)
 
 
 def root_beside(path: str, url: str | None = None) -> str:
@@ -146,22 +166,31 @@ class Links:
         self._thread: threading.Thread | None = None
 
     def link_after_commit(self, handle: SaveHandle, path: str, root: str, meta: dict[str, Any]) -> None:
-        def op() -> None:
-            info = handle.wait()  # a failed save raises here; the Checkpointer reports it too
+        def publish(info: CheckpointInfo) -> None:
             old = self._read_old(path)
             write_link(path, root, info.step, meta, self.storage_options)
             if old is not None and old.step != info.step:
-                self._unlinked(old)
+                self.forget(old.root, old.step)
             if self.on_commit is not None:
                 self.on_commit(path, info)
 
-        self._submit(op)
+        self.after_commit(handle, publish)
+
+    def after_commit(self, handle: SaveHandle, publish: Callable[[CheckpointInfo], None]) -> None:
+        """Queue ``publish(info)`` for when the save behind ``handle`` is committed (a failed
+        save raises in the queue instead: the Checkpointer reports it to every rank too)."""
+        self._submit(lambda: publish(handle.wait()))
+
+    def forget(self, root: str, step: int) -> None:
+        """No link reaches ``step`` of ``root`` any more: retention may delete it."""
+        with self._lock:
+            self.unlinked.add((norm_url(root), step))
 
     def unlink(self, path: str) -> None:
         def op() -> None:
             old = remove_link(path, self.storage_options)
             if old is not None:
-                self._unlinked(old)
+                self.forget(old.root, old.step)
 
         self._submit(op)
 
@@ -184,15 +213,19 @@ class Links:
                 self._thread.join()
                 self._thread = None
 
+    def forget_unreachable(self, ckpt: Any, reachable: set[int]) -> None:
+        """(at open, nothing pending) Hand to retention every committed step of ``ckpt`` that
+        no link reaches: a crash between a commit and its link, or between a link's removal
+        and the next commit, leaves such steps behind."""
+        for info in ckpt.list():
+            if info.step not in reachable:
+                self.forget(ckpt.url, info.step)
+
     def _read_old(self, path: str) -> Link | None:
         try:
             return read_link(path, self.storage_options)
         except FileNotFoundError:
             return None
-
-    def _unlinked(self, link: Link) -> None:
-        with self._lock:
-            self.unlinked.add((_norm(link.root), link.step))
 
     def _submit(self, op: Callable[[], None]) -> None:
         if self._thread is None:
@@ -210,7 +243,8 @@ class Links:
                     self._error = e
 
 
-def _norm(url: str) -> str:
+def norm_url(url: str) -> str:
+    """One spelling per root (absolute local paths), to compare roots."""
     return os.path.abspath(url.removeprefix("file://")) if is_local_url(url) else url.rstrip("/")
 
 
@@ -222,7 +256,7 @@ class Unlinked:
         self.links, self.root = links, root
 
     def for_root(self, root: str) -> Unlinked:
-        return Unlinked(self.links, _norm(root))
+        return Unlinked(self.links, norm_url(root))
 
     def should_preserve(self, checkpoints: Sequence[CheckpointInfo]) -> list[bool]:
         with self.links._lock:
