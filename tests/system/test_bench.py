@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import REPO
 
 
@@ -123,3 +125,21 @@ def test_restore_bench_counts_what_storage_served_per_number_of_ranks(tmp_path):
     dcp2 = [r for r in runs if r["method"] == "dcp.load" and r["ranks"] == 2]
     assert all(r["served_x"] > 1.8 for r in dcp2)  # the reference reads once per rank: the count sees it
     assert (out / "restore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(400)
+def test_frameworks_bench_compares_each_framework_default_with_distckpt(tmp_path):
+    out = tmp_path / "fw"
+    cmd = [sys.executable, "-m", "benchmarks.frameworks_bench", "--size-mb", "8", "--rounds", "1", "--saves", "1",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    summary = json.loads((out / "frameworks.json").read_text())["summary"]
+    expected = {f"{fw}:{m}" for fw, ms in {"lightning": ("TorchCheckpointIO", "AsyncCheckpointIO", "distckpt"),
+                "accelerate": ("Accelerator", "distckpt"), "transformers": ("Trainer", "distckpt")}.items() for m in ms}  # fmt: skip
+    assert set(summary) == expected
+    for name, s in summary.items():
+        assert "error" not in s, (name, s)
+        assert 0 < s["stall_s"] <= s["durable_s"]
+    assert summary["lightning:distckpt"]["stall_vs_default"] > 0
+    assert (out / "frameworks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
