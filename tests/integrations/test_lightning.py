@@ -132,3 +132,21 @@ def test_a_lightning_checkpoint_written_before_distckpt_still_resumes(tmp_path):
                        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(tmp_path))  # fmt: skip
     again.fit(model, data, ckpt_path=cb.last_model_path)
     assert again.global_step == 16
+
+
+@pytest.mark.timeout(180)
+def test_checkpoints_on_s3_resume_with_ckpt_path_last(tmp_path, s3_root, s3_options):
+    io = DistckptCheckpointIO(s3_root, storage_options=s3_options)
+    _fit(tmp_path, io, _Tiny(), save_last=True)
+    link = read_link(str(tmp_path / "ck" / "last.ckpt"))
+    assert link.root == s3_root and link.meta["lightning"]["global_step"] == 12
+
+    model = _Tiny()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8)
+    cb = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    again = pl.Trainer(max_epochs=4, callbacks=[cb], plugins=[DistckptCheckpointIO(s3_root, storage_options=s3_options)],
+                       logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                       devices=1)  # fmt: skip
+    again.fit(model, data, ckpt_path="last")
+    assert again.global_step == 16  # resumed at 12 from S3, trained one more epoch
+    assert load(str(tmp_path / "ck" / "last.ckpt"), storage_options=s3_options)["global_step"] == 16
