@@ -14,7 +14,8 @@ This module holds the public names only. The package's layers (README, "How it w
 catalog, lease, tiers), ``dcp/`` (the bridge to torch.distributed.checkpoint), the core
 at the top level (``checkpointer`` -> ``save`` / ``restore``, ``staging``, ``recoverables``,
 ``ranks``, ``topology``, ``retention``, ``preemption``), ``tools/`` (reader, gc, export,
-transfer, the command line) and ``bench/``.
+transfer, the command line), ``integrations/`` (Lightning, Accelerate, transformers; imported
+only by name) and ``bench/``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
