@@ -28,6 +28,7 @@ from .options import Options
 from .preemption import Preemption, save_and_exit
 from .ranks import RankContext
 from .recoverables import Recoverables
+from .replicas import Replicator
 from .restore import Restorer
 from .save import SaveHandle, Saves, check_step
 from .schedule import Scheduler
@@ -54,6 +55,9 @@ class Checkpointer:
         keep: a ``Keep`` or any ``RetentionPolicy``; ``None`` keeps everything.
         storage_options: passed to fsspec (S3 endpoint, credentials, retries).
         local_dir, local_keep: a node-local tier in front of ``url`` (see README).
+        replicas: with ``local_dir`` on several nodes, each node's copy of a step is also
+            kept by this many partner nodes (``replicas.py``): a lost node's memory comes
+            back from its partner, not from ``url``. ``0``: no replicas.
         process_group: the ranks to coordinate (default: the whole job); ``"local"``: this
             process alone, with no collectives, for frameworks that call checkpoint I/O on
             one rank only (Lightning's ``CheckpointIO``: see ``distckpt.integrations``).
@@ -82,6 +86,7 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         local_dir: str | None = None,
         local_keep: int = 2,
+        replicas: int = 1,
         process_group: Any = None,
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,
@@ -101,6 +106,7 @@ class Checkpointer:
             storage_options=storage_options,
             local_dir=local_dir,
             local_keep=local_keep,
+            replicas=replicas,
             process_group=process_group,
             timeout=timeout,  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
@@ -348,8 +354,12 @@ class _Parts:
         tiers = Tiers([t for t in (local, Tier.open("primary", opts.url, opts.storage_options, True)) if t])
         ranks = RankContext(opts.process_group, opts.timeout)
         topology = Topology.find(ranks, opts.local_dir)
+        replicator = None
         if local is not None:
             ranks.add_group("up")  # the uploader's own collectives
+            replicator = Replicator(ranks, topology, local, opts.replicas, keep=opts.local_keep)
+            if replicator.active:
+                ranks.add_group("rep")  # node leaders' point-to-point transfers
         engine = make_engine(opts.mode, opts.write_threads)
         nbytes = recs.estimate_bytes(engine.full_state)
         stager = make_stager(
@@ -391,9 +401,11 @@ class _Parts:
             uploader=uploader,
             lease=lease,
             pointers=pointers if uploader is None else None,
+            replicator=replicator,
         )
         scheduler = Scheduler(opts.save_policy, ranks)
-        return cls(ranks, engine, tiers, saves, Restorer(ranks, topology, tiers, engine), lease, scheduler, pointers)
+        restorer = Restorer(ranks, topology, tiers, engine, replicator)
+        return cls(ranks, engine, tiers, saves, restorer, lease, scheduler, pointers)
 
     def close(self) -> None:
         try:

@@ -26,6 +26,7 @@ class Options:
     storage_options: dict[str, Any] | None = None
     local_dir: str | None = None
     local_keep: int = 2
+    replicas: int = 1
     process_group: Any = None
     timeout: timedelta = timedelta(minutes=30)
     max_in_flight: int = 1
@@ -46,6 +47,8 @@ class Options:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 0:
+            raise ValueError(f"replicas must be an int >= 0, got {self.replicas!r}")
         if isinstance(self.stager, str) and self.stager not in STAGERS:
             raise ValueError(f"stager must be one of {STAGERS} or a Stager, got {self.stager!r}")
         if self.staging_budget is not None and self.staging_budget < 0:

@@ -34,6 +34,7 @@ from .layout.tier import Tier, Tiers
 from .log import log
 from .ranks import Ranks
 from .recoverables import Adapter, ModuleAdapter, restoring
+from .replicas import Replicator
 from .topology import Topology
 from .tree import dtype_from_name, join, split, tensor_refs
 
@@ -48,8 +49,12 @@ class _Plan:
 class Restorer:
     """Restores from the job's tiers (the fastest that holds a step first)."""
 
-    def __init__(self, ranks: Ranks, topology: Topology, tiers: Tiers, engine: Engine) -> None:
+    def __init__(
+        self, ranks: Ranks, topology: Topology, tiers: Tiers, engine: Engine, replicator: Replicator | None = None
+    ) -> None:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
+        self.replicator = replicator
+        self.repaired: dict[int, list[int]] = {}  #: step -> nodes whose copy came from a partner
         self.url = tiers.primary.storage.url
         self.last_read: list[ReadCounter] = []  #: per rank: what the last restore asked of storage
 
@@ -74,6 +79,8 @@ class Restorer:
         ranks = self.ranks
         selection["step"] = step
         check_selection(step, selection.get("min_key"), selection.get("max_key"), selection.get("importance_key"))
+        if self.replicator is not None and self.replicator.active:  # node memory first, from partners
+            self.repaired = self.replicator.repair(ranks.group("rep"))
         candidates = ranks.agree(
             lambda: self._candidates(selection) if ranks.is_chief else None,
             "choosing a checkpoint to restore",
@@ -148,10 +155,18 @@ class Restorer:
         stepdir = tier.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
-        files = man.files if verify else None
+        holders = self.topology.holders(tier, man)
+        files = man.files if verify or holders else None  # node-local: sizes come from the manifest
         counts = self.ranks.agree(
             lambda: self.engine.read(
-                load, stepdir, tier.storage, self.ranks, contiguous, shared=tier.shared, files=files
+                load,
+                stepdir,
+                tier.storage,
+                self.ranks,
+                contiguous,
+                shared=tier.shared,
+                files=files,
+                readable_by=holders,
             ),
             f"reading step {step}",
         )
@@ -162,7 +177,10 @@ class Restorer:
                 self._apply(adapters, saved, plan, state, man, strict)
 
         self.ranks.agree(apply, f"applying step {step}")
-        info = replace(tier.catalog.info(man), tier=tier.name)
+        from_partners = self.repaired.get(step, []) if not tier.shared else []
+        info = replace(tier.catalog.info(man), tier=f"{tier.name}+replica" if from_partners else tier.name)
+        if from_partners:
+            log.info("step %d: node(s) %s read their copy from a partner node's replica", step, from_partners)
         read = sum(c.bytes for c in self.last_read)
         log.info(
             "restored step %d from %s (%s tier; saved by %d ranks in %s mode); all ranks together read %.3f GB "

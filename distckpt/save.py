@@ -44,6 +44,7 @@ from .layout.tier import Tiers
 from .log import log
 from .ranks import Ranks
 from .recoverables import Recoverables
+from .replicas import Replicator
 from .retention import RetentionPolicy
 from .staging import HostStaged, Staged, Stager
 from .topology import Topology
@@ -107,6 +108,7 @@ class Saves:
     uploader: Uploader | None = None
     lease: Lease | None = None
     pointers: Pointers | None = None  # latest.json / best.json, when saves commit on the primary
+    replicator: Replicator | None = None  # copies of each node's local step on partner nodes
 
     def __post_init__(self) -> None:
         self.tier = self.tiers.first  # where saves are written and committed first
@@ -206,11 +208,30 @@ class Saves:
         stats = self._stats(job, t_write, t_commit, results)
         info = replace(tier.catalog.info(manifest), stats=stats, tier=tier.name)
         _log_commit(info, stats)
+        unprotected = self._protect(job.step)
         if self.uploader is not None:
-            self.uploader.submit(manifest, nonce)
+            self.uploader.submit(manifest, nonce)  # the remote tier gets the step even if unprotected
         if self.topology.owns(tier):
             self._janitor_job = self._janitor.submit(self._retain)
+        if unprotected is not None:
+            raise unprotected
         return info
+
+    def _protect(self, step: int) -> CheckpointError | None:
+        """(all ranks, after every node committed its copy) the node copies onto partner
+        nodes (``replicas.py``); the error, when that failed on any rank."""
+        rep = self.replicator
+        if rep is None or not rep.active:
+            return None
+        t0 = time.perf_counter()
+        try:
+            self.ranks.agree(lambda: rep.replicate(step, self.ranks.group("rep")), f"replicating step {step}", on="bg")
+        except CheckpointError as e:
+            log.error("step %d is committed on every node but not protected by a replica: %s", step, e)
+            return e
+        log.info("step %d protected: a copy of every node's files on %d partner node(s) in %.3fs", step,
+                 rep.replicas, time.perf_counter() - t0)  # fmt: skip
+        return None
 
     def _prepare(self, job: SaveJob, workdir: str) -> None:
         if job.error is not None:

@@ -33,6 +33,9 @@ class Topology:
     leader: bool  #: the first rank of its node: owns the node's local tier
     chief_node: bool  #: shares a node (and a local tier) with the chief
     nodes: int  #: how many distinct local tiers there are
+    node: int = 0  #: this rank's node, numbered by its first rank
+    leaders: tuple[int, ...] = (0,)  #: each node's first rank, by node number
+    node_of: tuple[int, ...] = (0,)  #: every rank's node number
 
     @classmethod
     def find(cls, ranks: Ranks, local_dir: str | None) -> Topology:
@@ -44,7 +47,18 @@ class Topology:
         first: dict[tuple[str, str], int] = {}
         for rank, k in enumerate(keys):
             first.setdefault(k, rank)
-        return cls(ranks.rank, ranks.world_size, ranks.is_chief, first[key] == ranks.rank, key == keys[0], len(first))
+        leaders = tuple(sorted(first.values()))
+        return cls(
+            ranks.rank,
+            ranks.world_size,
+            ranks.is_chief,
+            first[key] == ranks.rank,
+            key == keys[0],
+            len(first),
+            leaders.index(first[key]),
+            leaders,
+            tuple(leaders.index(first[k]) for k in keys),
+        )
 
     def owns(self, tier: Tier) -> bool:
         """Opens, commits, aborts, cleans and prunes ``tier`` (the chief for a shared tier,
@@ -63,6 +77,16 @@ class Topology:
     def commits_node_copy(self, tier: Tier) -> bool:
         """This rank commits its node's copy after the chief committed its own."""
         return self.replicates_commit(tier) and self.leader and not self.chief_node
+
+    def holders(self, tier: Tier, man: Manifest) -> dict[str, set[int]] | None:
+        """On a node-local tier with several nodes: the ranks that can open each file of a
+        step (those on its writer's node); ``None`` where every rank sees every file."""
+        if tier.shared or self.nodes < 2:
+            return None
+        by_node: dict[int, set[int]] = {}
+        for rank, node in enumerate(self.node_of):
+            by_node.setdefault(node, set()).add(rank)
+        return {name: by_node.get(self.node_of[rec.rank], set()) for name, rec in man.files.items()}
 
     def files_to_check(self, tier: Tier, man: Manifest) -> list[str]:
         """The files of a step this rank checks before a restore: on a shared tier the work

@@ -115,17 +115,20 @@ def read_items(
     contiguous: bool,
     share: Any = None,
     files: dict[str, FileRecord] | None = None,
+    readable_by: dict[str, set[int]] | None = None,
 ) -> ReadCounter:
     """(every rank in ``group``, or one rank alone) Fill ``tensors`` in place from the step at
     ``stepdir``. ``contiguous``: its items are distckpt's own framed tensors, which
     ``SharedReader`` reads whole-file and in order, each file once across the ranks of
     ``share`` (a process group; None: this rank reads what it needs itself), checking each
     file read against ``files`` (the manifest's records; None: no checksums). Returns what
-    was asked of storage."""
+    was asked of storage. ``readable_by``: on a node-local tier, the ranks of ``share`` that
+    hold each file (the others receive it from them)."""
     if not tensors:
         return ReadCounter()
     if contiguous:
-        reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=min(8, os.cpu_count() or 1))
+        threads = min(8, os.cpu_count() or 1)
+        reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, readable_by=readable_by)
     else:
         reader = StorageReader(storage, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):

@@ -124,9 +124,11 @@ class SharedReader(StorageReader):
         group: Any = None,
         files: dict[str, FileRecord] | None = None,
         threads: int = 4,
+        readable_by: dict[str, set[int]] | None = None,
     ) -> None:
         super().__init__(storage, path)
         self.storage_, self.group, self.files, self.threads = storage, group, files, max(1, threads)
+        self.readable_by = readable_by  # node-local files: the ranks (of ``group``) that can open each
         self.counter = ReadCounter()
         self._md: Metadata | None = None
         self._lock = threading.Lock()
@@ -214,7 +216,7 @@ class SharedReader(StorageReader):
             needs = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(needs, sizes, group=self.group)
             rank = dist.get_rank(self.group)
-        solo, shared = _schedule(needs)
+        solo, shared = _schedule(needs, self.readable_by)
         errors: list[BaseException] = []
         solo_mine = [name for name, r in solo.items() if r == rank]
         worker = threading.Thread(target=self._read_solo, args=(solo_mine, files, errors), name="distckpt-read")
@@ -369,9 +371,13 @@ class SharedReader(StorageReader):
             f.close()
 
 
-def _schedule(needs: list[dict[str, int]]) -> tuple[dict[str, int], list[tuple[str, int, int, int]]]:
-    """(the same on every rank) Who reads each file: ``{file: rank}`` for files one rank needs,
-    and the broadcast order of the shared ones' chunks, ``[(file, start, end, reader)]``."""
+def _schedule(
+    needs: list[dict[str, int]], readable_by: dict[str, set[int]] | None = None
+) -> tuple[dict[str, int], list[tuple[str, int, int, int]]]:
+    """(the same on every rank) Who reads each file: ``{file: rank}`` for files one rank needs
+    (and can open), and the broadcast order of the others' chunks, ``[(file, start, end,
+    reader)]``. ``readable_by``: on a node-local tier, the ranks that hold each file (its
+    writer's node); a file a rank needs but cannot open comes from one of them."""
     ranks_of: dict[str, list[int]] = defaultdict(list)
     sizes: dict[str, int] = {}
     for rank, files in enumerate(needs):
@@ -381,14 +387,19 @@ def _schedule(needs: list[dict[str, int]]) -> tuple[dict[str, int], list[tuple[s
     load = [0] * len(needs)
     solo: dict[str, int] = {}
     readers: dict[str, int] = {}
+
+    def can_read(name: str, rank: int) -> bool:
+        return readable_by is None or name not in readable_by or rank in readable_by[name]
+
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):  # biggest first: the stripes even out
         holders = ranks_of[name]
-        if len(holders) == 1:
+        if len(holders) == 1 and can_read(name, holders[0]):
             solo[name] = holders[0]
             load[holders[0]] += sizes[name]
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        if len(ranks_of[name]) > 1:
-            reader = min(range(len(needs)), key=lambda r: (load[r], r))
+        if name not in solo:
+            eligible = [r for r in range(len(needs)) if can_read(name, r)] or ranks_of[name]
+            reader = min(eligible, key=lambda r: (load[r], r))
             readers[name] = reader
             load[reader] += sizes[name]
     chunks = [

@@ -1,0 +1,98 @@
+"""Peer replicas of node memory (``replicas.py``): real gloo ranks as simulated nodes, each
+node with its own ``local_dir``; a wiped node gets its copy back from its partner."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from distckpt import Checkpointer
+from distckpt.replicas import plan_repairs
+from tests.support.harness import run_ranks
+from tests.support.models import clone_state, make_training, tensors_equal, train
+
+STEPS = 3
+
+
+def _kwargs(rank, per_node, mem, **extra):
+    return {"local_dir": os.path.join(mem, f"node{rank // per_node}"), "local_keep": 2, **extra}
+
+
+def _save(rank, world, root, mem, per_node, mode):
+    model, optim, sched = make_training(seed=0)
+    ckpt = Checkpointer(root, {"model": model, "optim": optim}, mode=mode, async_save=True,
+                        **_kwargs(rank, per_node, mem))  # fmt: skip
+    for step in range(1, STEPS + 1):
+        train(model, optim, sched, 1, seed=step)
+        ckpt.save(step)
+    ckpt.close()
+    return clone_state(model.state_dict())
+
+
+def _restore(rank, world, root, mem, per_node, mode):
+    model, optim, _ = make_training(seed=7)
+    with Checkpointer(root, {"model": model, "optim": optim}, mode=mode, **_kwargs(rank, per_node, mem)) as ckpt:
+        info = ckpt.restore()
+        return info.step, info.tier, clone_state(model.state_dict())
+
+
+def _setup(tmp_path, world, per_node, mode):
+    root, mem = str(tmp_path / "remote"), str(tmp_path / "mem")
+    saved = run_ranks(_save, world, root, mem, per_node, mode)
+    return root, mem, saved
+
+
+def _replica_dirs(mem, node):
+    base = os.path.join(mem, f"node{node}", "replicas")
+    return sorted(os.listdir(base)) if os.path.isdir(base) else []
+
+
+@pytest.mark.parametrize("mode", ["sharded", "chief"])
+def test_a_wiped_node_resumes_from_its_partners_replica_reading_nothing_remote(tmp_path, mode):
+    root, mem, saved = _setup(tmp_path, 4, 2, mode)  # 4 ranks as 2 nodes
+    assert _replica_dirs(mem, 0) == ["node-1"] and _replica_dirs(mem, 1) == ["node-0"]
+    shutil.rmtree(os.path.join(mem, "node1"))  # node 1 replaced: its memory is empty
+    shutil.rmtree(root)
+    os.makedirs(root)  # nothing on the remote tier: a restore that needed it would start fresh
+    out = run_ranks(_restore, 4, root, mem, 2, mode)
+    for rank, (step, tier, state) in enumerate(out):
+        assert (step, tier) == (STEPS, "local+replica"), rank
+        assert tensors_equal(state, saved[rank])
+    # node 1's memory holds its copy again, and its replica of node 0 after the next save
+    assert os.path.isfile(os.path.join(mem, "node1", f"step_{STEPS:012d}", "manifest.json"))
+
+
+def test_losing_a_node_and_its_partner_falls_back_to_the_newest_remote_step(tmp_path):
+    root, mem, saved = _setup(tmp_path, 4, 1, "sharded")  # 4 nodes of one rank: node 1's replica is on node 2
+    shutil.rmtree(os.path.join(mem, "node1"))
+    shutil.rmtree(os.path.join(mem, "node2"))
+    out = run_ranks(_restore, 4, root, mem, 1, "sharded")
+    for rank, (step, tier, state) in enumerate(out):
+        assert (step, tier) == (STEPS, "primary"), rank
+        assert tensors_equal(state, saved[rank])
+
+
+def test_only_the_wiped_node_is_refilled_when_other_nodes_still_hold_their_copies(tmp_path):
+    root, mem, saved = _setup(tmp_path, 4, 1, "sharded")
+    shutil.rmtree(os.path.join(mem, "node3"))  # node 3's copy lives on node 0
+    out = run_ranks(_restore, 4, root, mem, 1, "sharded")
+    assert [(s, t) for s, t, _ in out] == [(STEPS, "local+replica")] * 4
+    assert all(tensors_equal(state, saved[r]) for r, (_, _, state) in enumerate(out))
+
+
+def test_a_damaged_replica_is_never_used():
+    views = {
+        0: {"node": 0, "own": [1, 2], "replicas": {"1": [1]}},
+        1: {"node": 1, "own": [], "replicas": {"0": [1, 2]}},
+    }
+    plan, lost = plan_repairs(views, 2)
+    assert [(t.step, t.owner, t.src, t.dst) for t in plan] == [(1, 1, 0, 1)]  # step 2: node 1 has no copy anywhere
+    assert lost == {2: [1]}
+
+
+def test_replica_retention_keeps_the_newest_local_keep_steps(tmp_path):
+    root, mem, _ = _setup(tmp_path, 2, 1, "sharded")
+    kept = sorted(os.listdir(os.path.join(mem, "node0", "replicas", "node-1")))
+    assert [n for n in kept if n.startswith("step_")] == ["step_000000000002", "step_000000000003"]
+    assert torch.tensor(1).item() == 1
