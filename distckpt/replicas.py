@@ -27,6 +27,7 @@ Call order:
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,17 +130,36 @@ class Replicator:
     # --- moving a node's copy between leaders -------------------------------------------
 
     def _run(self, plan: list[Transfer], group: Any, source: Any) -> None:
-        """Every leader works through the same ``plan`` in order, sending what it holds and
-        receiving what it is owed (point to point on ``group``; no other rank takes part)."""
+        """Every leader works through the same ``plan``: it sends what it holds (on a thread,
+        in plan order) while it receives what it is owed (here, in plan order), so a ring of
+        nodes moves all its copies at once; between two leaders the messages keep the plan's
+        order at both ends (point to point on ``group``; no other rank takes part)."""
         if not self.topology.leader:
             return
         me, leaders = self.topology.node, self.topology.leaders
-        for t in plan:
-            if t.src == me and t.dst != me:
-                self._send(source(t), t.step, leaders[t.dst], group)
-            elif t.dst == me and t.src != me:
-                into = self.local if t.owner == me else self.store(t.owner)
-                self._receive(into, t.step, leaders[t.src], group)
+        sends = [t for t in plan if t.src == me and t.dst != me]
+        recvs = [t for t in plan if t.dst == me and t.src != me]
+        errors: list[BaseException] = []
+
+        def send_all() -> None:
+            for t in sends:
+                try:
+                    self._send(source(t), t.step, leaders[t.dst], group)
+                except BaseException as e:  # noqa: BLE001 - raised below, after the receives
+                    errors.append(e)
+
+        sender = threading.Thread(target=send_all, name="distckpt-replicate")
+        sender.start()
+        try:
+            for t in recvs:  # every transfer is received, even after a failed one: no sender waits forever
+                try:
+                    self._receive(self.local if t.owner == me else self.store(t.owner), t.step, leaders[t.src], group)
+                except OSError as e:
+                    errors.append(e)
+        finally:
+            sender.join()
+        if errors:
+            raise errors[0]
 
     def _send(self, tier: Tier, step: int, dst: int, group: Any) -> None:
         """Everything is read first: a read error is sent as such, so the receiver is never
@@ -149,14 +169,14 @@ class Replicator:
             man = catalog.read_manifest(step)
             stepdir = catalog.step_path(step)
             names = sorted(n for n in storage.listdir(stepdir) if n != MANIFEST)
-            blobs = [storage.read_bytes(storage.join(stepdir, n)) for n in names]
+            blobs = [_read_tensor(storage, storage.join(stepdir, n)) for n in names]
         except Exception as e:
             _send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), dst, group)
             raise
-        header = {"manifest": man.to_json().decode(), "names": names, "sizes": [len(b) for b in blobs]}
+        header = {"manifest": man.to_json().decode(), "names": names, "sizes": [b.numel() for b in blobs]}
         _send_bytes(json.dumps(header).encode(), dst, group)
         for blob in blobs:
-            _send_bytes(blob, dst, group)
+            _send_tensor(blob, dst, group)
 
     def _receive(self, tier: Tier, step: int, src: int, group: Any) -> None:
         head = json.loads(_recv_bytes(src, group))
@@ -167,7 +187,7 @@ class Replicator:
         tier.commit.create_workdir(workdir)
         problems = []
         for name, size in zip(head["names"], head["sizes"], strict=True):
-            data = _recv_bytes(src, group)
+            data = memoryview(_recv_tensor(src, group).numpy())
             rec = man.files.get(name)
             if len(data) != size or (rec is not None and checksum_bytes(data) != rec.checksum):
                 problems.append(name)
@@ -210,16 +230,40 @@ def plan_repairs(views: dict[int, dict[str, Any]], nodes: int) -> tuple[list[Tra
     return plan, lost
 
 
-def _send_bytes(data: bytes, dst: int, group: Any) -> None:
-    dist.send(torch.tensor([len(data)], dtype=torch.int64), group=group, group_dst=dst)
-    if data:
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), group=group, group_dst=dst)
+def _read_tensor(storage: Any, path: str) -> torch.Tensor:
+    """A file's bytes straight into a uint8 tensor (one copy, from the page cache)."""
+    buf = torch.empty(storage.size(path), dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with storage.open_read(path) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"{path}: shorter than its size")
+            done += n
+    return buf
 
 
-def _recv_bytes(src: int, group: Any) -> bytes:
+def _send_tensor(t: torch.Tensor, dst: int, group: Any) -> None:
+    dist.send(torch.tensor([t.numel()], dtype=torch.int64), group=group, group_dst=dst)
+    if t.numel():
+        dist.send(t, group=group, group_dst=dst)
+
+
+def _recv_tensor(src: int, group: Any) -> torch.Tensor:
     n = torch.zeros(1, dtype=torch.int64)
     dist.recv(n, group=group, group_src=src)
     buf = torch.empty(int(n.item()), dtype=torch.uint8)
     if buf.numel():
         dist.recv(buf, group=group, group_src=src)
-    return buf.numpy().tobytes()
+    return buf
+
+
+def _send_bytes(data: bytes, dst: int, group: Any) -> None:
+    _send_tensor(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), dst, group
+    )
+
+
+def _recv_bytes(src: int, group: Any) -> bytes:
+    return _recv_tensor(src, group).numpy().tobytes()
