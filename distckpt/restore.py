@@ -55,6 +55,7 @@ class Restorer:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
         self.replicator = replicator
         self.repaired: dict[int, list[int]] = {}  #: step -> nodes whose copy came from a partner
+        self.holders: dict[str, set[int]] | None = None  #: node-local: who holds each file of the step
         self.url = tiers.primary.storage.url
         self.last_read: list[ReadCounter] = []  #: per rank: what the last restore asked of storage
 
@@ -120,12 +121,24 @@ class Restorer:
     def _check(self, tier: Tier, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
         found: dict[str, Any] = {}
 
+        def read() -> None:
+            found["manifest"] = man = tier.catalog.read_manifest(step)
+            found["state"] = tier.catalog.read_state(step, man)
+
+        self.ranks.agree(read, f"reading the manifest of step {step}")
+        man = found["manifest"]
+        self.holders = self._holders(tier, man, tier.catalog.step_path(step))
+
         def check() -> None:
-            man = tier.catalog.read_manifest(step)
-            found["state"] = state = tier.catalog.read_state(step, man)
-            found["manifest"] = man
-            in_load = _checked_while_loading(state)
-            for name in self.topology.files_to_check(tier, man):
+            in_load = _checked_while_loading(found["state"])
+            if self.holders is None:
+                names = self.topology.files_to_check(tier, man)
+            else:  # node-local copies: every file must be on some node; its first holder checks it
+                gone = sorted(n for n, ranks in self.holders.items() if not ranks)
+                if gone:
+                    raise CorruptCheckpointError(f"step {step}: no node holds {gone[:5]}")
+                names = [n for n, ranks in self.holders.items() if min(ranks) == self.ranks.rank]
+            for name in names:
                 # sizes always; checksums here only for files the load will not checksum itself
                 problem = tier.catalog.file_problem(step, man, name, verify=verify and not in_load(name))
                 if problem is not None:
@@ -155,7 +168,7 @@ class Restorer:
         stepdir = tier.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
-        holders = self.topology.holders(tier, man)
+        holders = self.holders
         files = man.files if verify or holders else None  # node-local: sizes come from the manifest
         counts = self.ranks.agree(
             lambda: self.engine.read(
@@ -195,6 +208,20 @@ class Restorer:
             sum(c.broadcast_bytes for c in self.last_read) / 1e9,
         )
         return info
+
+    def _holders(self, tier: Tier, man: Manifest, stepdir: str) -> dict[str, set[int]] | None:
+        """(all ranks) On a node-local tier with several nodes: which ranks hold each file of
+        the step (those whose node's copy has it; the rest receive it from them). Asked of
+        the files themselves, so a step saved by another number of ranks or nodes works too."""
+        if tier.shared or self.topology.nodes < 2:
+            return None
+        storage = tier.storage
+
+        def mine() -> list[str]:
+            return [n for n in man.files if storage.exists(storage.join(stepdir, n))]
+
+        seen = self.ranks.agree(mine, "listing node-local files")
+        return {name: {r for r, names in enumerate(seen) if name in names} for name in man.files}
 
     def _apply(
         self,

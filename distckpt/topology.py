@@ -78,16 +78,6 @@ class Topology:
         """This rank commits its node's copy after the chief committed its own."""
         return self.replicates_commit(tier) and self.leader and not self.chief_node
 
-    def holders(self, tier: Tier, man: Manifest) -> dict[str, set[int]] | None:
-        """On a node-local tier with several nodes: the ranks that can open each file of a
-        step (those on its writer's node); ``None`` where every rank sees every file."""
-        if tier.shared or self.nodes < 2:
-            return None
-        by_node: dict[int, set[int]] = {}
-        for rank, node in enumerate(self.node_of):
-            by_node.setdefault(node, set()).add(rank)
-        return {name: by_node.get(self.node_of[rec.rank], set()) for name, rec in man.files.items()}
-
     def files_to_check(self, tier: Tier, man: Manifest) -> list[str]:
         """The files of a step this rank checks before a restore: on a shared tier the work
         is shared out; on a node-local tier each rank checks the files it wrote."""

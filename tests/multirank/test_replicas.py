@@ -81,6 +81,16 @@ def test_only_the_wiped_node_is_refilled_when_other_nodes_still_hold_their_copie
     assert all(tensors_equal(state, saved[r]) for r, (_, _, state) in enumerate(out))
 
 
+def test_a_memory_tier_step_saved_by_4_ranks_restores_on_2(tmp_path):
+    root, mem, saved = _setup(tmp_path, 4, 2, "sharded")  # 4 ranks as 2 nodes
+    shutil.rmtree(root)
+    os.makedirs(root)  # memory only
+    out = run_ranks(_restore, 2, root, mem, 1, "sharded")  # 2 ranks, one per node
+    for step, tier, state in out:
+        assert (step, tier) == (STEPS, "local")
+        assert tensors_equal(state, saved[0])  # DDP: every rank held the same state
+
+
 def test_a_damaged_replica_is_never_used():
     views = {
         0: {"node": 0, "own": [1, 2], "replicas": {"1": [1]}},
