@@ -89,7 +89,7 @@ class Replicator:
     def prune(self, keep: int) -> None:
         """(node leaders) the newest ``keep`` replicas of each partner."""
         for node in range(self.topology.nodes):
-            if node != self.topology.node and self.topology.node in self.partners(node):
+            if self._holds_for(node):
                 apply(Keep(last=keep), self.store(node).catalog)
 
     # --- 2. before a restore ------------------------------------------------------------
@@ -101,11 +101,15 @@ class Replicator:
         plan, lost = plan_repairs({h["node"]: h for h in held if h is not None}, self.topology.nodes)
         for step, nodes in sorted(lost.items()):
             log.warning(
-                "step %d cannot be assembled from node memory: node(s) %s lost their copy and every replica "
-                "of it; that step comes from the remote tier if it was uploaded there",
+                "step %d cannot be assembled from node memory: node(s) %s have neither their copy nor a "
+                "replica of it (a node was lost with its partner, or the save was interrupted before every "
+                "node committed it); node memory drops it, and it comes from the remote tier if it was "
+                "uploaded there",
                 step,
                 nodes,
             )
+        if lost:  # never restorable from memory; left there, a new save of that step would collide
+            self.ranks.agree(lambda: self._drop(lost) if self.topology.leader else None, "dropping partial steps")
         if plan:
             self.ranks.agree(
                 lambda: self._run(plan, group, self._source_for_repair), "fetching node copies from partners"
@@ -115,12 +119,23 @@ class Replicator:
             repaired.setdefault(t.step, []).append(t.dst)
         return repaired
 
+    def _drop(self, lost: dict[int, list[int]]) -> None:
+        """(node leaders) Remove this node's copies and replicas of steps no node can assemble."""
+        stores = [self.local] + [self.store(o) for o in range(self.topology.nodes) if self._holds_for(o)]
+        for tier in stores:
+            gone = [s for s in lost if tier.catalog.is_committed(s)]
+            if gone:
+                tier.catalog.delete(gone)
+
+    def _holds_for(self, owner: int) -> bool:
+        return owner != self.topology.node and self.topology.node in self.partners(owner)
+
     def holdings(self) -> dict[str, Any]:
         """(node leaders) the steps this node holds: its own copies and its partners' replicas."""
         node = self.topology.node
         replicas = {}
         for owner in range(self.topology.nodes):
-            if owner != node and node in self.partners(owner):
+            if self._holds_for(owner):
                 replicas[str(owner)] = self.store(owner).catalog.committed_steps()
         return {"node": node, "own": self.local.catalog.committed_steps(), "replicas": replicas}
 

@@ -80,8 +80,8 @@ class Restorer:
         ranks = self.ranks
         selection["step"] = step
         check_selection(step, selection.get("min_key"), selection.get("max_key"), selection.get("importance_key"))
-        if self.replicator is not None and self.replicator.active:  # node memory first, from partners
-            self.repaired = self.replicator.repair(ranks.group("rep"))
+        if self.replicator is not None and self.topology.nodes > 1:  # node memory first, from partners
+            self.repaired = self.replicator.repair(ranks.group("rep") if self.replicator.active else None)
         candidates = ranks.agree(
             lambda: self._candidates(selection) if ranks.is_chief else None,
             "choosing a checkpoint to restore",

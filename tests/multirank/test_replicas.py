@@ -2,14 +2,17 @@
 node with its own ``local_dir``; a wiped node gets its copy back from its partner."""
 
 import os
+import random
 import shutil
+import signal
+import time
 
 import pytest
 import torch
 
-from distckpt import Checkpointer
+from distckpt import Checkpointer, Keep
 from distckpt.replicas import plan_repairs
-from tests.support.harness import run_ranks
+from tests.support.harness import _context, run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 
 STEPS = 3
@@ -106,3 +109,67 @@ def test_replica_retention_keeps_the_newest_local_keep_steps(tmp_path):
     kept = sorted(os.listdir(os.path.join(mem, "node0", "replicas", "node-1")))
     assert [n for n in kept if n.startswith("step_")] == ["step_000000000002", "step_000000000003"]
     assert torch.tensor(1).item() == 1
+
+
+# --- kill -9 at random instants, with replication in flight ----------------------------------
+
+
+def _expected(step):
+    g = torch.Generator().manual_seed(step)
+    return {"a": torch.randn(256, 1024, generator=g), "b": torch.randn(4096, generator=g)}
+
+
+def _killable_job(rank, world, store, root, mem, conn):
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    state = {k: torch.zeros_like(v) for k, v in _expected(0).items()}
+    ckpt = Checkpointer(root, {"s": state}, local_dir=os.path.join(mem, f"node{rank}"), local_keep=2,
+                        keep=Keep(last=2))  # fmt: skip
+    info = ckpt.restore()
+    start = info.step if info else 0
+    ok = info is None or all(torch.equal(state[k], v) for k, v in _expected(start).items())
+    conn.send(("resumed", start, ok, info.tier if info else None))
+    for step in range(start + 1, start + 100_000):
+        for k, v in _expected(step).items():
+            state[k].copy_(v)
+        ckpt.save(step)  # returns once committed on both nodes and protected by the partner's replica
+        conn.send(("saved", step, True, None))
+
+
+@pytest.mark.timeout(400)
+def test_kill_9_mid_replication_then_a_wiped_node_never_loses_a_protected_save(tmp_path):
+    ctx = _context()
+    root, mem = str(tmp_path / "remote"), str(tmp_path / "mem")
+    rng = random.Random(3)
+    newest_protected, resumed_from_replica = 0, 0
+    for trial in range(8):
+        store = str(tmp_path / f"store{trial}")
+        pipes = [ctx.Pipe() for _ in range(2)]
+        procs = [ctx.Process(target=_killable_job, args=(r, 2, store, root, mem, pipes[r][1]), daemon=True)
+                 for r in range(2)]  # fmt: skip
+        for p in procs:
+            p.start()
+        for parent, _ in pipes:
+            assert parent.poll(120), "a rank did not start"
+            kind, start, ok, tier = parent.recv()
+            assert kind == "resumed" and ok, f"trial {trial}: resumed at {start} with a different state"
+            assert start >= newest_protected, f"trial {trial}: step {newest_protected} returned but resumed at {start}"
+            resumed_from_replica += tier == "local+replica"
+        time.sleep(rng.uniform(0.2, 1.2))  # somewhere in a save: writing, committing, replicating
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.join()
+        for parent, _ in pipes:
+            while parent.poll():
+                newest_protected = max(newest_protected, parent.recv()[1])
+        if trial % 2 == 0:  # node 1 is replaced: its memory is empty at the restart
+            shutil.rmtree(os.path.join(mem, "node1"), ignore_errors=True)
+    assert newest_protected > 0 and resumed_from_replica >= 1
+    for node in ("node0", "node1"):  # a replica is whole or absent: never a half-written step
+        base = os.path.join(mem, node, "replicas")
+        for owner in os.listdir(base) if os.path.isdir(base) else []:
+            for name in os.listdir(os.path.join(base, owner)):
+                assert not name.startswith("step_") or os.path.isfile(os.path.join(base, owner, name, "manifest.json"))
