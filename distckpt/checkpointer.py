@@ -58,6 +58,9 @@ class Checkpointer:
         replicas: with ``local_dir`` on several nodes, each node's copy of a step is also
             kept by this many partner nodes (``replicas.py``): a lost node's memory comes
             back from its partner, not from ``url``. ``0``: no replicas.
+        upload_every: with ``local_dir``, every k-th save also goes to ``url`` (in the
+            background); the others stay in node memory. The final save before a preemption
+            exit, and at ``close()`` the newest save, always go.
         process_group: the ranks to coordinate (default: the whole job); ``"local"``: this
             process alone, with no collectives, for frameworks that call checkpoint I/O on
             one rank only (Lightning's ``CheckpointIO``: see ``distckpt.integrations``).
@@ -87,6 +90,7 @@ class Checkpointer:
         local_dir: str | None = None,
         local_keep: int = 2,
         replicas: int = 1,
+        upload_every: int = 1,
         process_group: Any = None,
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,
@@ -107,6 +111,7 @@ class Checkpointer:
             local_dir=local_dir,
             local_keep=local_keep,
             replicas=replicas,
+            upload_every=upload_every,
             process_group=process_group,
             timeout=timeout,  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
@@ -209,6 +214,8 @@ class Checkpointer:
             return
         self._closed = True
         try:
+            if not self._opts.read_only:
+                self._parts.saves.flush_remote()
             self.wait()
         finally:
             self._parts.close()
@@ -402,6 +409,7 @@ class _Parts:
             lease=lease,
             pointers=pointers if uploader is None else None,
             replicator=replicator,
+            upload_every=opts.upload_every,
         )
         scheduler = Scheduler(opts.save_policy, ranks)
         restorer = Restorer(ranks, topology, tiers, engine, replicator)

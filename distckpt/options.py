@@ -27,6 +27,7 @@ class Options:
     local_dir: str | None = None
     local_keep: int = 2
     replicas: int = 1
+    upload_every: int = 1
     process_group: Any = None
     timeout: timedelta = timedelta(minutes=30)
     max_in_flight: int = 1
@@ -43,7 +44,7 @@ class Options:
             raise ValueError(f"mode must be 'sharded' or 'chief', got {self.mode!r}")
         if isinstance(self.timeout, (int, float)):
             object.__setattr__(self, "timeout", timedelta(seconds=self.timeout))
-        for name in ("max_in_flight", "local_keep"):
+        for name in ("max_in_flight", "local_keep", "upload_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -109,6 +109,7 @@ class Saves:
     lease: Lease | None = None
     pointers: Pointers | None = None  # latest.json / best.json, when saves commit on the primary
     replicator: Replicator | None = None  # copies of each node's local step on partner nodes
+    upload_every: int = 1  # with a local tier: every k-th save also goes to the remote tier
 
     def __post_init__(self) -> None:
         self.tier = self.tiers.first  # where saves are written and committed first
@@ -123,6 +124,9 @@ class Saves:
         self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
         self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention", initializer=yield_to_training)
         self._janitor_job: Future | None = None
+        self._since_upload = 0  # local-tier saves not uploaded since the last upload
+        self._force_upload = False  # the final save before a preemption exit goes remote
+        self._not_uploaded: tuple[Manifest, str] | None = None  # the newest such save
 
     # --- 1 + 2: on the training thread ----------------------------------------------------
 
@@ -209,13 +213,33 @@ class Saves:
         info = replace(tier.catalog.info(manifest), stats=stats, tier=tier.name)
         _log_commit(info, stats)
         unprotected = self._protect(job.step)
-        if self.uploader is not None:
-            self.uploader.submit(manifest, nonce)  # the remote tier gets the step even if unprotected
+        if self.uploader is not None:  # the remote tier gets its saves even when one is unprotected
+            self._upload_or_keep(manifest, nonce)
         if self.topology.owns(tier):
             self._janitor_job = self._janitor.submit(self._retain)
         if unprotected is not None:
             raise unprotected
         return info
+
+    def _upload_or_keep(self, manifest: Manifest, nonce: str) -> None:
+        """(all ranks, same decision) Every ``upload_every``-th save, and the final save before
+        a preemption exit, is uploaded; the others stay in node memory (``flush_remote``
+        uploads the newest of them at ``close``)."""
+        assert self.uploader is not None
+        self._since_upload += 1
+        if self._since_upload >= self.upload_every or self._force_upload:
+            self.uploader.submit(manifest, nonce)
+            self._since_upload, self._not_uploaded = 0, None
+        else:
+            self._not_uploaded = (manifest, nonce)
+
+    def flush_remote(self) -> None:
+        """(all ranks, at close) The newest save that stayed in node memory goes remote too."""
+        self._drain(0)
+        if self.uploader is not None and self._not_uploaded is not None:
+            manifest, nonce = self._not_uploaded
+            self._not_uploaded, self._since_upload = None, 0
+            self.uploader.submit(manifest, nonce)
 
     def _protect(self, step: int) -> CheckpointError | None:
         """(all ranks, after every node committed its copy) the node copies onto partner
@@ -350,7 +374,11 @@ class Saves:
         if done[0]:
             return False, True
         try:
-            self.save(step, meta).wait()
+            self._force_upload = True  # the job may come back on other nodes: memory would be gone
+            try:
+                self.save(step, meta).wait()
+            finally:
+                self._force_upload = False
             return True, False
         except Exception as e:  # noqa: BLE001
             log.error("preemption: the final save of step %d failed (%s); the job resumes from an older step", step, e)

@@ -173,3 +173,22 @@ def test_kill_9_mid_replication_then_a_wiped_node_never_loses_a_protected_save(t
         for owner in os.listdir(base) if os.path.isdir(base) else []:
             for name in os.listdir(os.path.join(base, owner)):
                 assert not name.startswith("step_") or os.path.isfile(os.path.join(base, owner, name, "manifest.json"))
+
+
+def _save_every_third_remote(rank, world, root, mem):
+    t = torch.zeros(1000)
+    with Checkpointer(root, {"t": t}, local_dir=os.path.join(mem, f"node{rank}"), upload_every=3) as ckpt:
+        for step in range(1, 6):
+            t.fill_(step)
+            ckpt.save(step)
+        ckpt.wait()  # uploads done: only what was sent is there
+        before_close = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
+    return before_close
+
+
+def test_every_kth_save_goes_remote_and_close_sends_the_newest(tmp_path):
+    root, mem = str(tmp_path / "remote"), str(tmp_path / "mem")
+    before_close = run_ranks(_save_every_third_remote, 2, root, mem)
+    assert before_close[0] == [3]  # saves 1, 2, 4, 5 stayed in node memory (and on the partner)
+    remote = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
+    assert remote == [3, 5]  # close() uploaded the newest one
