@@ -37,6 +37,7 @@ from ..errors import DistckptError, NoCheckpointError
 from ..resumable import RNGState
 from ..retention import Keep
 from .links import Links, first_free_step, read_link, root_beside
+from .links import checkpoint_options as checkpoint_options_for
 
 __all__ = ["DistckptAccelerator", "LINK_NAME"]
 
@@ -60,10 +61,7 @@ class DistckptAccelerator(Accelerator):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.checkpoint_url = os.fspath(checkpoint_url) if checkpoint_url is not None else None
-        self.checkpoint_options = {"async_save": True, **(checkpoint_options or {})}
-        for name in ("keep", "read_only", "recoverables", "process_group"):
-            if name in self.checkpoint_options:
-                raise TypeError(f"DistckptAccelerator sets {name}= itself")
+        self.checkpoint_options = checkpoint_options_for(checkpoint_options, "DistckptAccelerator")
         self._links = Links(self.checkpoint_options.get("storage_options"))
         self._checkpointers: dict[str, Checkpointer] = {}
         self._next_step: dict[str, int] = {}

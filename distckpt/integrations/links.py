@@ -109,6 +109,16 @@ def root_beside(path: str, url: str | None = None) -> str:
     return os.path.join(base, ".distckpt") if is_local_url(base) else posixpath.join(base, ".distckpt")
 
 
+def checkpoint_options(options: dict[str, Any] | None, owner: str) -> dict[str, Any]:
+    """A framework integration's ``Checkpointer`` options: async by default; the options the
+    integration sets itself are refused with a clear error."""
+    out = {"async_save": True, **(options or {})}
+    for name in ("keep", "read_only", "recoverables", "process_group"):
+        if name in out:
+            raise TypeError(f"{owner} sets {name}= itself")
+    return out
+
+
 def first_free_step(ckpt: Any) -> int:
     """The step number after every committed one (link targets are numbered in save order)."""
     return max((i.step for i in ckpt.list()), default=0) + 1

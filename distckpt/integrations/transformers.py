@@ -38,6 +38,7 @@ from ..checkpointer import Checkpointer
 from ..layout.catalog import CheckpointInfo
 from ..resumable import RNGState
 from .links import Link, Links, norm_url, read_link, root_beside, write_link_dir
+from .links import checkpoint_options as checkpoint_options_for
 
 __all__ = ["DistckptTrainer", "LINK_NAME"]
 
@@ -61,7 +62,7 @@ class DistckptTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.checkpoint_url = os.fspath(checkpoint_url) if checkpoint_url is not None else None
-        self.checkpoint_options = {"async_save": True, **(checkpoint_options or {})}
+        self.checkpoint_options = checkpoint_options_for(checkpoint_options, "DistckptTrainer")
         self._links = Links(self.checkpoint_options.get("storage_options"))
         self._checkpointers: dict[str, Checkpointer] = {}
         self._rng = _SavedRNG()

@@ -30,16 +30,9 @@ def _cmd(project_dir, *extra):
     return [*launch, JOB, project_dir, *extra]
 
 
-def _run(cmd, log_path):
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=jobs.env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout + open(log_path).read()[-4000:]
-    return proc.stdout
-
-
 @pytest.mark.timeout(400)
 def test_accelerate_killed_and_resumed_with_load_state_matches_an_uninterrupted_run(tmp_path):
-    ref = FINAL.search(_run(_cmd(str(tmp_path / "ref")), tmp_path / "ref.log"))
+    ref = FINAL.search(jobs.run_job(_cmd(str(tmp_path / "ref")), tmp_path / "ref.log"))
     assert ref and ref.group(1) == "6"
 
     project = str(tmp_path / "run")
@@ -55,7 +48,7 @@ def test_accelerate_killed_and_resumed_with_load_state_matches_an_uninterrupted_
     killed_at = max(jobs.committed(ckpts))
     assert killed_at < 5
 
-    out = _run(_cmd(project), tmp_path / "resumed.log")
+    out = jobs.run_job(_cmd(project), tmp_path / "resumed.log")
     resumed, final = RESUMED.search(out), FINAL.search(out)
     assert resumed and int(resumed.group(1)) >= killed_at + 1, out
     assert final and final.groups() == ref.groups(), (out, ref.group(0))

@@ -30,13 +30,6 @@ def _cmd(ckpt_dir, *extra):
             "--epochs", str(EPOCHS), *extra]  # fmt: skip
 
 
-def _run(cmd, log_path):
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=jobs.env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout + open(log_path).read()[-4000:]
-    return proc.stdout
-
-
 def _last_epoch(ckpt_dir):
     try:
         link = read_link(os.path.join(ckpt_dir, "last.ckpt"))
@@ -48,7 +41,7 @@ def _last_epoch(ckpt_dir):
 @pytest.mark.timeout(400)
 def test_lightning_ddp_killed_and_resumed_with_ckpt_path_last_matches_an_uninterrupted_run(tmp_path):
     # The reference is Lightning's own checkpointing: distckpt must not change the training.
-    ref = FINAL.search(_run(_cmd(str(tmp_path / "ref"), "--io", "torch"), tmp_path / "ref.log"))
+    ref = FINAL.search(jobs.run_job(_cmd(str(tmp_path / "ref"), "--io", "torch"), tmp_path / "ref.log"))
     assert ref and int(ref.group(1)) == EPOCHS
 
     ckpt_dir = str(tmp_path / "ckpt")
@@ -63,7 +56,7 @@ def test_lightning_ddp_killed_and_resumed_with_ckpt_path_last_matches_an_uninter
     killed_at = _last_epoch(ckpt_dir)
     assert 3 <= killed_at < EPOCHS - 1
 
-    out = _run(_cmd(ckpt_dir, "--resume"), tmp_path / "resumed.log")
+    out = jobs.run_job(_cmd(ckpt_dir, "--resume"), tmp_path / "resumed.log")
     start, final = START.search(out), FINAL.search(out)
     assert start and int(start.group(1)) >= killed_at + 1, out  # it resumed, not restarted
     assert final and final.groups() == ref.groups(), (out, ref.group(0))

@@ -25,13 +25,6 @@ def _cmd(out_dir, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", JOB, out_dir, *extra]
 
 
-def _run(cmd, log_path):
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=jobs.env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout + open(log_path).read()[-4000:]
-    return proc.stdout
-
-
 def _checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
@@ -41,7 +34,7 @@ def _checkpoints(out_dir):
 @pytest.mark.timeout(400)
 def test_trainer_killed_and_resumed_with_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     # The reference is the Trainer's own checkpointing: distckpt must not change the training.
-    ref = FINAL.search(_run(_cmd(str(tmp_path / "ref"), "--trainer", "hf"), tmp_path / "ref.log"))
+    ref = FINAL.search(jobs.run_job(_cmd(str(tmp_path / "ref"), "--trainer", "hf"), tmp_path / "ref.log"))
     assert ref and ref.group(1) == "40"
 
     out = str(tmp_path / "run")
@@ -59,7 +52,7 @@ def test_trainer_killed_and_resumed_with_resume_from_checkpoint_matches_an_unint
         link = read_link(os.path.join(out, f"checkpoint-{step}", "distckpt.json"))
         assert link.step == step and os.path.isfile(os.path.join(link.root, f"step_{step:012d}", "manifest.json"))
 
-    text = _run(_cmd(out), tmp_path / "resumed.log")
+    text = jobs.run_job(_cmd(out), tmp_path / "resumed.log")
     assert f"resuming from {os.path.join(out, f'checkpoint-{killed_at}')}" in text
     final = FINAL.search(text)
     assert final and final.groups() == ref.groups(), (text[-2000:], ref.group(0))

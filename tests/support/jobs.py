@@ -73,6 +73,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def run_job(cmd: list[str], log_path: Any, timeout: float = 300) -> str:
+    """Run a job to its end (stderr to ``log_path``); its stdout. Fails with both on an error."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + open(log_path).read()[-4000:]
+    return proc.stdout
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a launcher and every process under it at once (torchrun and its workers)."""
     if proc.poll() is None:
