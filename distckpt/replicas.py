@@ -76,6 +76,30 @@ class Replicator:
             self.stores[owner].storage.makedirs(self.stores[owner].catalog.root)
         return self.stores[owner]
 
+    def placement(self) -> dict[str, Any] | None:
+        """What the manifest records: every rank's node and the nodes holding each node's
+        replicas (under ``<local_dir>/replicas/node-<i>``)."""
+        if self.topology.nodes < 2:
+            return None
+        nodes = range(self.topology.nodes)
+        return {
+            "node_of_rank": list(self.topology.node_of),
+            "replicas_of_node": {str(n): self.partners(n) for n in nodes},
+        }
+
+    def memory(self) -> tuple[int, int]:
+        """(node leaders) Bytes this node's memory holds: its own copies, its partners' replicas."""
+        own = sum(
+            _tree_bytes(self.local.storage, self.local.catalog.step_path(s))
+            for s in self.local.catalog.committed_steps()
+        )
+        held = 0
+        for owner in range(self.topology.nodes):
+            if self._holds_for(owner):
+                cat = self.store(owner).catalog
+                held += sum(_tree_bytes(self.store(owner).storage, cat.step_path(s)) for s in cat.committed_steps())
+        return own, held
+
     # --- 1. on every save -----------------------------------------------------------------
 
     def replicate(self, step: int, group: Any) -> None:
@@ -85,6 +109,14 @@ class Replicator:
         self._run(plan, group, lambda t: self.local if t.owner == me else self.store(t.owner))
         if self.topology.leader:
             self.prune(self.keep)
+            own, held = self.memory()
+            log.info(
+                "node %d memory: %.3f GB of its own steps + %.3f GB of replicas for node(s) %s",
+                me,
+                own / 1e9,
+                held / 1e9,
+                [o for o in range(self.topology.nodes) if self._holds_for(o)],
+            )
 
     def prune(self, keep: int) -> None:
         """(node leaders) the newest ``keep`` replicas of each partner."""
@@ -243,6 +275,10 @@ def plan_repairs(views: dict[int, dict[str, Any]], nodes: int) -> tuple[list[Tra
             continue
         plan.extend(moves)
     return plan, lost
+
+
+def _tree_bytes(storage: Any, path: str) -> int:
+    return sum(storage.size(storage.join(path, n)) for n in storage.listdir(path))
 
 
 def _read_tensor(storage: Any, path: str) -> torch.Tensor:

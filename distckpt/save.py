@@ -298,7 +298,12 @@ class Saves:
         files = {rec.name: rec for records, _, _ in results for rec in records}
         files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
         manifest = Manifest(
-            step=job.step, world_size=self.ranks.world_size, mode=self.engine.mode, files=files, meta=job.meta
+            step=job.step,
+            world_size=self.ranks.world_size,
+            mode=self.engine.mode,
+            files=files,
+            meta=job.meta,
+            placement=self.replicator.placement() if self.replicator is not None else None,
         )
         if self.lease is not None:
             self.lease.check()  # fencing: never commit into a root another job has taken

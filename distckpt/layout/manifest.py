@@ -100,6 +100,8 @@ class Manifest:
     time: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=_versions)
     format_version: int = FORMAT_VERSION
+    #: with node memory on several nodes: every rank's node and where each node's replicas live
+    placement: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +122,8 @@ class Manifest:
             "nbytes": self.nbytes,
             "files": {name: rec.as_json() for name, rec in sorted(self.files.items())},
         }
+        if self.placement is not None:
+            doc["placement"] = self.placement
         return json.dumps(doc, indent=1, allow_nan=True).encode()
 
     @classmethod
@@ -149,6 +153,7 @@ class Manifest:
                 time=float(doc["time"]),
                 versions=dict(doc.get("versions") or {}),
                 format_version=int(doc["format_version"]),
+                placement=dict(doc["placement"]) if doc.get("placement") else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(

@@ -1,6 +1,7 @@
 """Peer replicas of node memory (``replicas.py``): real gloo ranks as simulated nodes, each
 node with its own ``local_dir``; a wiped node gets its copy back from its partner."""
 
+import json
 import os
 import random
 import shutil
@@ -55,6 +56,9 @@ def _replica_dirs(mem, node):
 def test_a_wiped_node_resumes_from_its_partners_replica_reading_nothing_remote(tmp_path, mode):
     root, mem, saved = _setup(tmp_path, 4, 2, mode)  # 4 ranks as 2 nodes
     assert _replica_dirs(mem, 0) == ["node-1"] and _replica_dirs(mem, 1) == ["node-0"]
+    with open(os.path.join(mem, "node0", f"step_{STEPS:012d}", "manifest.json")) as f:
+        placement = json.load(f)["placement"]  # the manifest says where every copy lives
+    assert placement == {"node_of_rank": [0, 0, 1, 1], "replicas_of_node": {"0": [1], "1": [0]}}
     shutil.rmtree(os.path.join(mem, "node1"))  # node 1 replaced: its memory is empty
     shutil.rmtree(root)
     os.makedirs(root)  # nothing on the remote tier: a restore that needed it would start fresh
