@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -361,9 +362,13 @@ class Saves:
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
 
-    def _active_now(self) -> set[str]:
+    def _active_now(self) -> Container[str]:
+        """Work directories that are not leftovers: this job's own (its nonce in the name).
+        Another rank of the node may create the next save's directory before this rank has
+        registered it; a failed save of this job removes its own work (``abort``)."""
         with self._lock:
-            return set(self.active)
+            active = set(self.active)
+        return _OwnWork(active, f"-{self.nonce}-")
 
     def final_save(self, step: int, meta: Mapping[str, Any] | None) -> tuple[bool, bool]:
         """(all ranks) The save before a preemption exit: wait for saves in flight (their
@@ -417,6 +422,16 @@ class Saves:
             self.uploader.close()
         self._janitor.shutdown(wait=True)
         self.stager.close()
+
+
+class _OwnWork:
+    """``path in work``: a registered work directory, or any carrying this job's nonce."""
+
+    def __init__(self, active: set[str], marker: str) -> None:
+        self.active, self.marker = active, marker
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.active or (isinstance(path, str) and self.marker in os.path.basename(path))
 
 
 def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +229,8 @@ class Catalog:
         work directories ``active()`` names. It is asked *after* listing: a save registers its
         directory before creating it, so anything listed and still in flight is named."""
         names = self._names()
-        busy = set(active())
+        found = active()
+        busy = found if isinstance(found, Container) else set(found)
         out = []
         for name in names:
             path = self.storage.join(self.root, name)
