@@ -34,6 +34,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -45,6 +46,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import distckpt  # noqa: E402
+
+
+def say(line: str) -> None:
+    """One line in one write: under torchrun both ranks and the launcher share the log, and a
+    line written in pieces can be split by another process's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     info = ckpt.restore()
     step = info.step if info else 0
     if rank == 0:
-        print(f"resumed from step {step}" if info else "starting fresh", flush=True)
+        say(f"resumed from step {step}" if info else "starting fresh")
     if ckpt.should_stop(step):  # signalled while starting up
         ckpt.save_and_exit(step)
 
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.save_every == 0 or step == args.steps:
                 ckpt.save(step, meta={"loss": loss.item(), "epoch": epoch})
                 if rank == 0:
-                    print(f"step {step} loss {loss.item():.4f} saved", flush=True)
+                    say(f"step {step} loss {loss.item():.4f} saved")
             if step >= args.steps:
                 break
             # after the step and its periodic save: the loader has not yet drawn the next
@@ -230,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     ckpt.close()
     digest, parts = state_sha256(optim, sched, scaler, sampler)
     if rank == 0:
-        print(f"state sha256={digest} ({parts})", flush=True)
-        print(f"final step={step} params_sha256={params_sha256(model.module)}", flush=True)
+        say(f"state sha256={digest} ({parts})")
+        say(f"final step={step} params_sha256={params_sha256(model.module)}")
     dist.barrier()
     dist.destroy_process_group()
 
