@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .dcp import ReadCounter, read_items, write_items
+from .dcp import NodeLocal, ReadCounter, read_items, write_items
 from .dcp.plan_cache import PlanCache
 from .layout.manifest import FileRecord
 from .ranks import Ranks
@@ -52,14 +52,14 @@ class Engine(Protocol):
         *,
         shared: bool = True,
         files: dict[str, FileRecord] | None = None,
-        readable_by: dict[str, set[int]] | None = None,
+        node_local: NodeLocal | None = None,
     ) -> ReadCounter:
         """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``;
         ``contiguous``: its items are distckpt's own framed tensors (the shared reader
         applies); ``shared``: every rank sees the same files (each is then read once across
         the ranks); ``files``: the manifest's records, to checksum the files as they are read;
-        ``readable_by``: on a node-local tier, the ranks holding each file (its writer's node),
-        which read it for the ranks of other nodes."""
+        ``node_local``: on a node-local tier, the ranks whose node holds each file (its
+        own copy or a partner's replica) and where this rank finds them."""
         ...
 
 
@@ -92,13 +92,13 @@ class ShardedEngine:
         *,
         shared: bool = True,
         files: dict[str, FileRecord] | None = None,
-        readable_by: dict[str, set[int]] | None = None,
+        node_local: NodeLocal | None = None,
     ) -> ReadCounter:
-        share = ranks.group("fg") if shared or readable_by else None  # who reads each file once for the others
+        share = ranks.group("fg") if shared or node_local else None  # who reads each file once for the others
         group = self._load_group(ranks)
         return read_items(
             tensors, storage, stepdir, group=group, contiguous=contiguous, share=share, files=files,
-            readable_by=readable_by,
+            node_local=node_local,
         )  # fmt: skip
 
     def _load_group(self, ranks: Ranks) -> Any:

@@ -17,9 +17,12 @@ Call order:
      step is still committed on every node and uploaded, only not protected.
   2. (all ranks, restore, before the step is chosen) ``repair()``: the leaders say what they
      hold; for every step that every node can assemble (its own copy, else a partner's
-     replica), a node missing its copy receives it from the partner and commits it. Then the
-     restore goes on as usual and reads the node-local tier; a step that cannot be assembled
-     is left to the remote tier, with a log line that says which node lost both copies.
+     replica) a node missing its copy receives it from a partner, and a partner missing its
+     replica receives it too (the step is protected again) - in the background, while
+     training resumes (``settle()`` waits). The restore reads node memory meanwhile: each
+     rank reads what its node holds (own copy or replica) and receives only the rest from
+     other nodes. A step that cannot be assembled is dropped from node memory and left to
+     the remote tier, with a log line that says which node lost both copies.
   3. (node leaders, after ``replicate``) ``prune(keep)``: replicas of the newest ``keep``
      steps of each partner are kept, as on the local tier itself.
 """
@@ -27,14 +30,17 @@ Call order:
 from __future__ import annotations
 
 import json
+import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .layout.manifest import MANIFEST, Manifest, checksum_bytes
+from .layout.manifest import MANIFEST, Checksum, Manifest
 from .layout.tier import Tier
 from .log import log
 from .ranks import Ranks
@@ -59,6 +65,8 @@ class Replicator:
         self.ranks, self.topology, self.local, self.keep = ranks, topology, local, keep
         self.replicas = min(replicas, topology.nodes - 1)
         self.stores: dict[int, Tier] = {}  # owner node -> the tier holding its replicas here
+        self._later: tuple[list[Transfer], Any] = ([], None)  # what repair() left for refill()
+        self._refill: threading.Thread | None = None  # after a restore: the copies moved in the background
 
     @property
     def active(self) -> bool:
@@ -75,6 +83,10 @@ class Replicator:
             self.stores[owner] = Tier.open(f"replica-of-{owner}", url, None, shared=False)
             self.stores[owner].storage.makedirs(self.stores[owner].catalog.root)
         return self.stores[owner]
+
+    def held_stores(self) -> list[Tier]:
+        """(this node) the replica tiers it keeps for its partners."""
+        return [self.store(o) for o in range(self.topology.nodes) if self._holds_for(o)]
 
     def placement(self) -> dict[str, Any] | None:
         """What the manifest records: every rank's node and the nodes holding each node's
@@ -126,11 +138,19 @@ class Replicator:
 
     # --- 2. before a restore ------------------------------------------------------------
 
-    def repair(self, group: Any) -> dict[int, list[int]]:
-        """(all ranks, restore) Bring back every node's copy of every step that can be
-        assembled; returns ``{step: [nodes that got their copy from a partner]}``."""
+    def repair(self, group: Any, *, now: bool = False) -> dict[int, list[int]]:
+        """(all ranks, restore, before the step is chosen) Plan how every node's copy, and
+        every partner's replica, of every step that can be assembled comes back, and drop
+        the steps that cannot. Only what the restore needs is moved before it: the chief
+        node's own copies (the chief chooses the step from them); a wiped node's ranks read
+        what they need from the nodes that hold it. The rest is moved on a background thread
+        (newest step first; ``refill()`` starts it once the restore has read what it needs)
+        while training resumes; ``settle()`` waits for it, and the next save does. ``now``: move everything before returning (a restore that asks for a step
+        other than the newest). Returns ``{step: [nodes whose own copy was lost]}``."""
+        self.settle()
         held = self.ranks.agree(lambda: self.holdings() if self.topology.leader else None, "listing node memory")
-        plan, lost = plan_repairs({h["node"]: h for h in held if h is not None}, self.topology.nodes)
+        views = {h["node"]: h for h in held if h is not None}
+        plan, lost = plan_repairs(views, self.topology.nodes, self.partners)
         for step, nodes in sorted(lost.items()):
             log.warning(
                 "step %d cannot be assembled from node memory: node(s) %s have neither their copy nor a "
@@ -142,14 +162,50 @@ class Replicator:
             )
         if lost:  # never restorable from memory; left there, a new save of that step would collide
             self.ranks.agree(lambda: self._drop(lost) if self.topology.leader else None, "dropping partial steps")
-        if plan:
+        chief = self.topology.node_of[0]
+        first = [t for t in plan if now or (t.dst == chief and t.owner == chief)]
+        later = sorted((t for t in plan if t not in first), key=lambda t: -t.step)  # the same order everywhere
+        if first:
             self.ranks.agree(
-                lambda: self._run(plan, group, self._source_for_repair), "fetching node copies from partners"
+                lambda: self._run(first, group, self._source_for_repair), "fetching node copies from partners"
             )
+        self._later = (later, group)
         repaired: dict[int, list[int]] = {}
         for t in plan:
-            repaired.setdefault(t.step, []).append(t.dst)
+            if t.dst == t.owner:
+                repaired.setdefault(t.step, []).append(t.dst)
         return repaired
+
+    def refill(self) -> None:
+        """(all ranks, after the restore read what it needed) Start moving the rest of what
+        ``repair()`` planned, on a background thread of the node leaders."""
+        later, group = self._later
+        self._later = ([], None)
+        if later and self.topology.leader:
+            self._refill = threading.Thread(
+                target=self._refill_in_background, args=(later, group), name="distckpt-refill", daemon=True
+            )
+            self._refill.start()
+
+    def _refill_in_background(self, plan: list[Transfer], group: Any) -> None:
+        """(node leaders, a thread) The copies and replicas the restore did not need first."""
+        t0 = time.perf_counter()
+        try:
+            self._run(plan, group, self._source_for_repair)
+        except Exception as e:  # noqa: BLE001 - the steps stay restorable; the next save protects anew
+            log.warning("node %d: refilling node memory from partners failed (%s); the next save is "
+                        "replicated as usual", self.topology.node, e)  # fmt: skip
+            return
+        mine = [t for t in plan if self.topology.node in (t.src, t.dst)]
+        if mine:
+            log.info("node %d: node memory refilled from partners (%d copies of steps %s) in %.3fs",
+                     self.topology.node, len(mine), sorted({t.step for t in mine}), time.perf_counter() - t0)  # fmt: skip
+
+    def settle(self) -> None:
+        """Wait for the background refill that follows a restore (it never raises)."""
+        if self._refill is not None:
+            self._refill.join()
+            self._refill = None
 
     def _drop(self, lost: dict[int, list[int]]) -> None:
         """(node leaders) Remove this node's copies and replicas of steps no node can assemble."""
@@ -209,21 +265,49 @@ class Replicator:
             raise errors[0]
 
     def _send(self, tier: Tier, step: int, dst: int, group: Any) -> None:
-        """Everything is read first: a read error is sent as such, so the receiver is never
-        left waiting for bytes that will not come."""
+        """A header (the manifest, the files and their sizes), the files in pieces, then a
+        trailer with what went wrong. A file that fails to read mid-way is sent as zeros
+        from there on: the receiver always gets every byte it was promised, never waits for
+        bytes that will not come, and never commits (the trailer says why)."""
         try:
             catalog, storage = tier.catalog, tier.storage
             man = catalog.read_manifest(step)
             stepdir = catalog.step_path(step)
             names = sorted(n for n in storage.listdir(stepdir) if n != MANIFEST)
-            blobs = [_read_tensor(storage, storage.join(stepdir, n)) for n in names]
+            sizes = [storage.size(storage.join(stepdir, n)) for n in names]
         except Exception as e:
             _send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), dst, group)
             raise
-        header = {"manifest": man.to_json().decode(), "names": names, "sizes": [b.numel() for b in blobs]}
-        _send_bytes(json.dumps(header).encode(), dst, group)
-        for blob in blobs:
-            _send_tensor(blob, dst, group)
+        _send_bytes(
+            json.dumps({"manifest": man.to_json().decode(), "names": names, "sizes": sizes}).encode(), dst, group
+        )
+        errors: list[str] = []
+        files: dict[str, Any] = {}
+
+        def read(piece: _Piece, buf: torch.Tensor) -> None:
+            view = memoryview(buf.numpy())[: piece.end - piece.start]
+            try:
+                if piece.name in errors:
+                    raise OSError("read failed earlier")
+                if piece.start == 0:
+                    files[piece.name] = storage.open_read(storage.join(stepdir, piece.name))
+                _readinto(files[piece.name], view)
+            except Exception as e:
+                if piece.name not in errors:
+                    errors.append(piece.name)
+                    log.warning("step %d: reading %s to send it failed (%s)", step, piece.name, e)
+                buf[: len(view)].zero_()
+            if piece.last and piece.name in files:
+                files.pop(piece.name).close()
+
+        try:
+            _pipeline(_pieces(names, sizes), read, lambda piece, buf: _send_piece(buf, piece, dst, group))
+        finally:
+            for f in files.values():
+                f.close()
+        _send_bytes(json.dumps({"failed": errors}).encode(), dst, group)
+        if errors:
+            raise OSError(f"step {step}: {errors} could not be read to send them to rank {dst}")
 
     def _receive(self, tier: Tier, step: int, src: int, group: Any) -> None:
         head = json.loads(_recv_bytes(src, group))
@@ -231,68 +315,167 @@ class Replicator:
             raise OSError(f"step {step}: rank {src} could not send its copy ({head['error']})")
         man = Manifest.from_json(head["manifest"].encode(), f"the manifest of step {step} from node leader {src}")
         workdir = tier.commit.workdir(step, f"replica-{src}")
-        tier.commit.create_workdir(workdir)
-        problems = []
-        for name, size in zip(head["names"], head["sizes"], strict=True):
-            data = memoryview(_recv_tensor(src, group).numpy())
-            rec = man.files.get(name)
-            if len(data) != size or (rec is not None and checksum_bytes(data) != rec.checksum):
-                problems.append(name)
-            tier.storage.write_bytes(tier.storage.join(workdir, name), data)
-        if problems:  # everything was received (the sender is not left waiting); nothing is committed
+        storage = tier.storage
+        problems: dict[str, str] = {}
+        open_files: dict[str, tuple[Any, Checksum]] = {}
+
+        def write(piece: _Piece, buf: torch.Tensor) -> None:
+            data = memoryview(buf.numpy())[: piece.end - piece.start]
+            try:
+                if piece.name in problems or "" in problems:
+                    return
+                if piece.start == 0:
+                    open_files[piece.name] = (storage.open_write(storage.join(workdir, piece.name)), Checksum())
+                f, hasher = open_files[piece.name]
+                hasher.update(data)
+                f.write(data)
+                if piece.last:
+                    f.close()
+                    del open_files[piece.name]
+                    rec = man.files.get(piece.name)
+                    if rec is not None and (hasher.size != rec.size or hasher.hexdigest() != rec.checksum):
+                        problems[piece.name] = "arrived damaged"
+            except Exception as e:  # every piece is still received: the sender is never left waiting
+                problems.setdefault(piece.name, f"{type(e).__name__}: {e}")
+
+        try:
+            tier.commit.create_workdir(workdir)
+        except Exception as e:  # still received in full (the sender is not left waiting), then raised
+            problems[""] = f"{type(e).__name__}: {e}"
+        try:
+            _pipeline(
+                _pieces(head["names"], head["sizes"]), lambda piece, buf: _recv_piece(buf, piece, src, group), write
+            )
+        finally:
+            for f, _ in open_files.values():
+                f.close()
+        failed = json.loads(_recv_bytes(src, group))["failed"]
+        if failed or problems:  # nothing is committed
             tier.commit.abort(workdir)
-            raise OSError(f"step {step}: {problems} arrived damaged from rank {src}; the replica is not kept")
+            why = {**problems, **{n: "the sender could not read it" for n in failed}}
+            raise OSError(f"step {step}: the copy from rank {src} is not kept: {why}")
         if tier.catalog.is_committed(step):
             tier.commit.abort(workdir)
             return
         tier.commit.finish(workdir, man)
 
 
-def plan_repairs(views: dict[int, dict[str, Any]], nodes: int) -> tuple[list[Transfer], dict[int, list[int]]]:
+class _Piece(NamedTuple):
+    name: str
+    start: int
+    end: int
+    last: bool
+
+
+_PIECE = 8 << 20  # bytes per message between leaders (buffers are reused: no fresh pages per file)
+_BUFFERS = 3
+
+
+def _pieces(names: list[str], sizes: list[int]) -> list[_Piece]:
+    out = []
+    for name, size in zip(names, sizes, strict=True):
+        starts = list(range(0, size, _PIECE)) or [0]
+        out += [_Piece(name, s, min(s + _PIECE, size), s == starts[-1]) for s in starts]
+    return out
+
+
+def _pipeline(
+    pieces: list[_Piece], first: Callable[[_Piece, torch.Tensor], None], then: Callable[[_Piece, torch.Tensor], None]
+) -> None:
+    """``first(piece, buf)`` for every piece on a thread, ``then(piece, buf)`` here, in order,
+    over a few reused buffers: reading and sending (or receiving and writing) overlap.
+    Neither callable may raise: they record their problems."""
+    free: queue.Queue = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    for _ in range(min(_BUFFERS, len(pieces))):
+        free.put(torch.empty(_PIECE, dtype=torch.uint8))
+    failed: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            for piece in pieces:
+                buf = free.get()
+                if buf is None:
+                    return
+                first(piece, buf)
+                ready.put(buf)
+        except BaseException as e:  # noqa: BLE001 - a broken connection: raised on the calling thread
+            failed.append(e)
+            ready.put(None)
+
+    worker = threading.Thread(target=run_first, name="distckpt-replica-io")
+    worker.start()
+    try:
+        for piece in pieces:
+            buf = ready.get()
+            if buf is None:
+                raise failed[0]
+            then(piece, buf)
+            free.put(buf)
+    finally:
+        free.put(None)
+        worker.join()
+
+
+def _readinto(f: Any, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"shorter than its size ({done} of {len(view)} bytes)")
+        done += n
+
+
+def _send_piece(buf: torch.Tensor, piece: _Piece, dst: int, group: Any) -> None:
+    if piece.end > piece.start:
+        dist.send(buf[: piece.end - piece.start], group=group, group_dst=dst)
+
+
+def _recv_piece(buf: torch.Tensor, piece: _Piece, src: int, group: Any) -> None:
+    if piece.end > piece.start:
+        dist.recv(buf[: piece.end - piece.start], group=group, group_src=src)
+
+
+def plan_repairs(
+    views: dict[int, dict[str, Any]],
+    nodes: int,
+    partners: Callable[[int], list[int]] | None = None,
+) -> tuple[list[Transfer], dict[int, list[int]]]:
     """From every leader's holdings: the transfers that restore each node's copy of every
-    step that can be assembled, and ``{step: [nodes]}`` for steps some node lost entirely.
-    Pure and deterministic: every rank computes the same plan."""
+    step that can be assembled (with ``partners``: and each partner's replica of it), and
+    ``{step: [nodes]}`` for steps some node lost entirely. Pure and deterministic: every rank computes the same plan. Every
+    transfer's source held the copy before the repair."""
     own = {n: set(views.get(n, {}).get("own", [])) for n in range(nodes)}
     replica_of: dict[int, dict[int, set[int]]] = {n: {} for n in range(nodes)}  # owner -> holder -> steps
     for holder, view in views.items():
         for owner, steps in view.get("replicas", {}).items():
             replica_of[int(owner)][holder] = set(steps)
     steps = set().union(*own.values(), *(s for d in replica_of.values() for s in d.values()))
-    plan, lost = [], {}
+    plans: dict[int, list[Transfer]] = {}
+    lost = {}
     for step in sorted(steps):
         moves, missing = [], []
         for node in range(nodes):
-            if step in own[node]:
-                continue
             holders = sorted(h for h, s in replica_of[node].items() if step in s)
-            if holders:
-                moves.append(Transfer(step, node, holders[0], node))
-            else:
+            if step not in own[node] and not holders:
                 missing.append(node)
+                continue
+            if step not in own[node]:
+                moves.append(Transfer(step, node, holders[0], node))
+            source = node if step in own[node] else holders[0]
+            for p in partners(node) if partners else []:
+                if p != node and p not in holders:
+                    moves.append(Transfer(step, node, source, p))
         if missing:
             if any(step in own[n] for n in range(nodes)):
                 lost[step] = missing
             continue
-        plan.extend(moves)
-    return plan, lost
+        plans[step] = moves
+    return [t for step in sorted(plans) for t in plans[step]], lost
 
 
 def _tree_bytes(storage: Any, path: str) -> int:
     return sum(storage.size(storage.join(path, n)) for n in storage.listdir(path))
-
-
-def _read_tensor(storage: Any, path: str) -> torch.Tensor:
-    """A file's bytes straight into a uint8 tensor (one copy, from the page cache)."""
-    buf = torch.empty(storage.size(path), dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with storage.open_read(path) as f:
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"{path}: shorter than its size")
-            done += n
-    return buf
 
 
 def _send_tensor(t: torch.Tensor, dst: int, group: Any) -> None:

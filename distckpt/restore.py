@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dcp import ReadCounter
+from .dcp import NodeLocal, ReadCounter
 from .engine import Engine
 from .errors import (
     CheckpointError,
@@ -28,7 +28,7 @@ from .errors import (
     NoCheckpointError,
     RemoteError,
 )
-from .layout.catalog import CheckpointInfo, check_selection, select
+from .layout.catalog import DCP_METADATA, CheckpointInfo, check_selection, select
 from .layout.manifest import Manifest
 from .layout.tier import Tier, Tiers
 from .log import log
@@ -55,16 +55,17 @@ class Restorer:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
         self.replicator = replicator
         self.repaired: dict[int, list[int]] = {}  #: step -> nodes whose copy came from a partner
-        self.holders: dict[str, set[int]] | None = None  #: node-local: who holds each file of the step
+        self.node_local: NodeLocal | None = None  #: node-local tier: who holds each file of the step, where
         self.url = tiers.primary.storage.url
         self.last_read: list[ReadCounter] = []  #: per rank: what the last restore asked of storage
 
     def _candidates(self, selection: dict[str, Any]) -> list[tuple[int, list[str]]]:
         """(chief) steps to try, best first, each with the tiers that hold it (fastest first)."""
-        if all(v is None for v in selection.values()):
-            steps = self.tiers.committed_steps()  # damaged manifests included: they fail their check loudly
-        else:
-            steps = [i.step for i in select(self.tiers.list(), **selection)]
+        if all(v is None for v in selection.values()):  # damaged manifests included: they fail their check loudly
+            have = {t.name: set(t.catalog.committed_steps()) for t in self.tiers.all}  # one listing per tier
+            steps = sorted(set().union(*have.values()), reverse=True)
+            return [(s, [t.name for t in self.tiers.all if s in have[t.name]]) for s in steps]
+        steps = [i.step for i in select(self.tiers.list(), **selection)]
         return [(s, self.tiers.holders(s)) for s in steps]
 
     def restore(
@@ -77,11 +78,22 @@ class Restorer:
         **selection: Any,
     ) -> CheckpointInfo | None:
         """``selection``: ``min_key``, ``max_key``, ``predicate``, ``importance_key`` (``select``)."""
-        ranks = self.ranks
         selection["step"] = step
         check_selection(step, selection.get("min_key"), selection.get("max_key"), selection.get("importance_key"))
+        try:
+            return self._restore(adapters, verify, strict, selection)
+        finally:
+            if self.replicator is not None:
+                self.replicator.refill()  # node memory is refilled from partners while training resumes
+
+    def _restore(
+        self, adapters: dict[str, Adapter], verify: bool, strict: bool, selection: dict[str, Any]
+    ) -> CheckpointInfo | None:
+        ranks, step = self.ranks, selection["step"]
         if self.replicator is not None and self.topology.nodes > 1:  # node memory first, from partners
-            self.repaired = self.replicator.repair(ranks.group("rep") if self.replicator.active else None)
+            newest = all(v is None for v in selection.values())  # else every step first: any may be asked for
+            group = ranks.group("rep") if self.replicator.active else None
+            self.repaired = self.replicator.repair(group, now=not newest)
         candidates = ranks.agree(
             lambda: self._candidates(selection) if ranks.is_chief else None,
             "choosing a checkpoint to restore",
@@ -125,22 +137,30 @@ class Restorer:
             found["manifest"] = man = tier.catalog.read_manifest(step)
             found["state"] = tier.catalog.read_state(step, man)
 
-        self.ranks.agree(read, f"reading the manifest of step {step}")
+        if tier.shared or self.topology.nodes < 2:
+            self.ranks.agree(read, f"reading the manifest of step {step}")
+        else:  # node-local: a replaced node's memory is empty until refilled; the chief's holds the step
+            docs = self.ranks.agree(
+                lambda: (read(), found)[1] if self.ranks.is_chief else None, f"reading the manifest of step {step}"
+            )[0]
+            found.update(docs)
         man = found["manifest"]
-        self.holders = self._holders(tier, man, tier.catalog.step_path(step))
+        self.node_local = local = self._node_local(tier, man, step)
 
         def check() -> None:
             in_load = _checked_while_loading(found["state"])
-            if self.holders is None:
+            if local is None:
                 names = self.topology.files_to_check(tier, man)
             else:  # node-local copies: every file must be on some node; its first holder checks it
-                gone = sorted(n for n, ranks in self.holders.items() if not ranks)
+                gone = sorted(n for n, ranks in local.holders.items() if not ranks)
                 if gone:
                     raise CorruptCheckpointError(f"step {step}: no node holds {gone[:5]}")
-                names = [n for n, ranks in self.holders.items() if min(ranks) == self.ranks.rank]
+                names = [n for n, ranks in local.holders.items() if min(ranks) == self.ranks.rank]
             for name in names:
                 # sizes always; checksums here only for files the load will not checksum itself
-                problem = tier.catalog.file_problem(step, man, name, verify=verify and not in_load(name))
+                problem = tier.catalog.file_problem(
+                    step, man, name, verify=verify and not in_load(name), path=local.paths[name] if local else None
+                )
                 if problem is not None:
                     raise CorruptCheckpointError(f"step {step}: {name}: {problem}")
 
@@ -168,8 +188,8 @@ class Restorer:
         stepdir = tier.catalog.step_path(step)
         load = {k: v for k, v in plan.dest.items() if k not in plan.skip}
         contiguous = state.get("layout") == "contiguous"
-        holders = self.holders
-        files = man.files if verify or holders else None  # node-local: sizes come from the manifest
+        local = self.node_local
+        files = man.files if verify or local else None  # node-local: sizes come from the manifest
         counts = self.ranks.agree(
             lambda: self.engine.read(
                 load,
@@ -179,7 +199,7 @@ class Restorer:
                 contiguous,
                 shared=tier.shared,
                 files=files,
-                readable_by=holders,
+                node_local=local,
             ),
             f"reading step {step}",
         )
@@ -209,19 +229,39 @@ class Restorer:
         )
         return info
 
-    def _holders(self, tier: Tier, man: Manifest, stepdir: str) -> dict[str, set[int]] | None:
-        """(all ranks) On a node-local tier with several nodes: which ranks hold each file of
-        the step (those whose node's copy has it; the rest receive it from them). Asked of
-        the files themselves, so a step saved by another number of ranks or nodes works too."""
+    def _node_local(self, tier: Tier, man: Manifest, step: int) -> NodeLocal | None:
+        """(all ranks) On a node-local tier with several nodes: which ranks' nodes hold each
+        file of the step - in their own copy, or in a replica kept for a partner - and where
+        this rank finds those. Asked of the files themselves, so a step saved by another
+        number of ranks or nodes works too."""
         if tier.shared or self.topology.nodes < 2:
             return None
         storage = tier.storage
+        dirs = [tier.catalog.step_path(step)]
+        if self.replicator is not None:
+            dirs += [store.catalog.step_path(step) for store in self.replicator.held_stores()]
 
-        def mine() -> list[str]:
-            return [n for n in man.files if storage.exists(storage.join(stepdir, n))]
+        def mine() -> dict[str, str]:
+            found: dict[str, str] = {}
+            for d in dirs:  # committed steps only: work directories live elsewhere
+                for name in man.files:
+                    if name not in found and storage.exists(path := storage.join(d, name)):
+                        found[name] = path
+            return found
 
         seen = self.ranks.agree(mine, "listing node-local files")
-        return {name: {r for r, names in enumerate(seen) if name in names} for name in man.files}
+        holders = {name: {r for r, paths in enumerate(seen) if name in paths} for name in man.files}
+        given: dict[str, bytes] = {}
+        if DCP_METADATA in holders and len(holders[DCP_METADATA]) < self.ranks.world_size:
+            # every rank plans the load from DCP's metadata: a replaced node gets it from the chief
+            # (whose node always holds its copy: repair() fetches that first)
+            sent = self.ranks.agree(
+                lambda: storage.read_bytes(seen[0][DCP_METADATA]) if self.ranks.is_chief else None,
+                f"sending step {step}'s DCP metadata to the nodes that lack it",
+            )[0]
+            if DCP_METADATA not in seen[self.ranks.rank]:
+                given[DCP_METADATA] = sent
+        return NodeLocal(holders, seen[self.ranks.rank], given)
 
     def _apply(
         self,

@@ -248,6 +248,7 @@ class Saves:
         rep = self.replicator
         if rep is None or not rep.active:
             return None
+        rep.settle()  # a refill after a restore uses the same group
         t0 = time.perf_counter()
         try:
             self.ranks.agree(lambda: rep.replicate(step, self.ranks.group("rep")), f"replicating step {step}", on="bg")
@@ -409,10 +410,13 @@ class Saves:
         self.settle()
 
     def settle(self) -> None:
-        """Let the retention that follows the last commit finish (it never raises)."""
+        """Let the retention that follows the last commit, and the refill of node memory that
+        follows a restore, finish (neither raises)."""
         job = self._janitor_job
         if job is not None:
             job.result()
+        if self.replicator is not None:
+            self.replicator.settle()
 
     def close(self) -> None:
         """After ``wait``: stop the threads and free the staging memory."""

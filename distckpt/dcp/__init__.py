@@ -33,11 +33,12 @@ from .errors import unwrap_dcp_errors
 from .fs import FileRecorder, StorageFS, StorageReader
 from .plan_cache import Plan, PlanCache, signature
 from .safe import SafeLoadPlanner, load_dcp_metadata
-from .shared_reader import ReadCounter, SharedReader
+from .shared_reader import NodeLocal, ReadCounter, SharedReader
 from .writer import FastWriter, run_parallel, write_file, writer_threads
 
 __all__ = [
     "DCP_METADATA",
+    "NodeLocal",
     "ReadCounter",
     "load_dcp_metadata",
     "read_items",
@@ -115,20 +116,20 @@ def read_items(
     contiguous: bool,
     share: Any = None,
     files: dict[str, FileRecord] | None = None,
-    readable_by: dict[str, set[int]] | None = None,
+    node_local: NodeLocal | None = None,
 ) -> ReadCounter:
     """(every rank in ``group``, or one rank alone) Fill ``tensors`` in place from the step at
     ``stepdir``. ``contiguous``: its items are distckpt's own framed tensors, which
     ``SharedReader`` reads whole-file and in order, each file once across the ranks of
     ``share`` (a process group; None: this rank reads what it needs itself), checking each
     file read against ``files`` (the manifest's records; None: no checksums). Returns what
-    was asked of storage. ``readable_by``: on a node-local tier, the ranks of ``share`` that
-    hold each file (the others receive it from them)."""
+    was asked of storage. ``node_local``: on a node-local tier, which ranks of ``share`` hold
+    each file and where this rank finds those it holds (the others receive them)."""
     if not tensors:
         return ReadCounter()
     if contiguous:
         threads = min(8, os.cpu_count() or 1)
-        reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, readable_by=readable_by)
+        reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, node_local=node_local)
     else:
         reader = StorageReader(storage, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):

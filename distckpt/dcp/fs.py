@@ -99,15 +99,28 @@ class _HashingStream(io.RawIOBase):
 
 class StorageFS(FileSystemBase):
     """``FileSystemBase`` over a ``Storage``; streams opened for writing are checksummed
-    into ``recorder`` (None for readers)."""
+    into ``recorder`` (None for readers). For reading a node-local step: ``moved``, files
+    that are elsewhere (path -> where: a node's replica of the step); ``given``, small files
+    this node lacks, as another rank sent them (path -> bytes)."""
 
-    def __init__(self, storage: Storage, recorder: FileRecorder | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        recorder: FileRecorder | None = None,
+        moved: dict[str, str] | None = None,
+        given: dict[str, bytes] | None = None,
+    ) -> None:
         self.storage, self.recorder = storage, recorder
+        self.moved, self.given = moved or {}, given or {}
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
         path = str(path)
+        if "w" not in mode and path in self.given:
+            yield io.BytesIO(self.given[path])
+            return
         if "w" not in mode:
+            path = self.moved.get(path, path)
             with self.storage.open_read(path) as raw:
                 yield raw
             return

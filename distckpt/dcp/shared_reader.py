@@ -19,6 +19,11 @@ by, and an item whose head differs (a checkpoint from another writer or torch) i
 again through DCP's own item loop, never taken on trust. Large items of a file read by one
 rank land straight in their destination tensors (no copy).
 
+On a node-local tier (``NodeLocal``: each node holds only some files, e.g. in ``/dev/shm``)
+the trade-off is the other way round: reading a node's memory is cheap and the network is
+not. Every rank that needs a file its node holds reads it itself; a rank whose node lacks
+it receives it point to point from a rank that holds it, and no other rank takes part.
+
 Errors never stop a rank in the middle of the schedule (the others would wait on its next
 broadcast): a failed read streams zeros in its place, and every problem - I/O error,
 checksum mismatch - is raised at the end, on the rank that found it; the caller's
@@ -31,7 +36,7 @@ import dataclasses
 import queue
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +48,7 @@ from torch.futures import Future
 from ..errors import CorruptCheckpointError
 from ..layout.manifest import Checksum, FileRecord
 from ..storage import Storage
-from .fs import StorageReader
+from .fs import StorageFS, StorageReader
 from .writer import frame
 
 CHUNK = 32 << 20  # bytes per broadcast (and per read of a shared file)
@@ -59,6 +64,18 @@ class ReadCounter:
     reads: int = 0
     files: int = 0
     broadcast_bytes: int = 0
+
+
+@dataclasses.dataclass
+class NodeLocal:
+    """Where the files of a step live on a node-local tier: ``holders``, the ranks (of the
+    reading group) whose node holds each file; ``paths``, where this rank finds the files its
+    node holds (its own copy of the step, or a replica it keeps for a partner); ``given``,
+    small files its node lacks (DCP's ``.metadata``), as another rank sent them."""
+
+    holders: dict[str, set[int]]
+    paths: dict[str, str]
+    given: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -124,11 +141,17 @@ class SharedReader(StorageReader):
         group: Any = None,
         files: dict[str, FileRecord] | None = None,
         threads: int = 4,
-        readable_by: dict[str, set[int]] | None = None,
+        node_local: NodeLocal | None = None,
     ) -> None:
         super().__init__(storage, path)
         self.storage_, self.group, self.files, self.threads = storage, group, files, max(1, threads)
-        self.readable_by = readable_by  # node-local files: the ranks (of ``group``) that can open each
+        self.node_local = node_local
+        if node_local is not None:  # DCP's own reads (metadata, items) find the files too
+            self.fs = StorageFS(
+                storage,
+                moved={storage.join(path, n): p for n, p in node_local.paths.items()},
+                given={storage.join(path, n): data for n, data in node_local.given.items()},
+            )
         self.counter = ReadCounter()
         self._md: Metadata | None = None
         self._lock = threading.Lock()
@@ -216,10 +239,9 @@ class SharedReader(StorageReader):
             needs = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(needs, sizes, group=self.group)
             rank = dist.get_rank(self.group)
-        solo, shared = _schedule(needs, self.readable_by)
+        own, shared = _schedule(needs, self.node_local.holders if self.node_local else None)
         errors: list[BaseException] = []
-        solo_mine = [name for name, r in solo.items() if r == rank]
-        worker = threading.Thread(target=self._read_solo, args=(solo_mine, files, errors), name="distckpt-read")
+        worker = threading.Thread(target=self._read_solo, args=(own[rank], files, errors), name="distckpt-read")
         worker.start()
         try:
             if shared:
@@ -228,14 +250,19 @@ class SharedReader(StorageReader):
             worker.join()
         return errors
 
+    def _where(self, name: str) -> str:
+        if self.node_local is not None and name in self.node_local.paths:
+            return self.node_local.paths[name]
+        return self.storage_.join(str(self.path), name)
+
     def _size(self, name: str) -> int:
         rec = (self.files or {}).get(name)
-        return rec.size if rec is not None else self.storage_.size(self.storage_.join(str(self.path), name))
+        return rec.size if rec is not None else self.storage_.size(self._where(name))
 
     def _open(self, name: str) -> tuple[Any, Checksum | None]:
         with self._lock:
             self.counter.files += 1
-        f = self.storage_.open_read(self.storage_.join(str(self.path), name))
+        f = self.storage_.open_read(self._where(name))
         return f, (Checksum() if self.files is not None and name in self.files else None)
 
     def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:
@@ -309,37 +336,46 @@ class SharedReader(StorageReader):
     # --- files several ranks need: one reads, everyone receives ------------------------------
 
     def _stream_shared(
-        self, shared: list[tuple[str, int, int, int]], files: dict[str, _File], rank: int, errors: list[BaseException]
+        self, shared: list[_Chunk], files: dict[str, _File], rank: int, errors: list[BaseException]
     ) -> None:
-        """``shared``: the global broadcast order, ``(file, start, end, reader)`` per chunk."""
-        mine = [c for c in shared if c[3] == rank]
+        """``shared``: the global order of the chunks sent between ranks (the same on every
+        rank, so the sends and receives of every pair of ranks match up)."""
+        shared = [c for c in shared if c.to is None or rank == c.src or rank in c.to]
+        mine = [c for c in shared if c.src == rank]
         ready: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
         for _ in range(min(_AHEAD, len(mine))):  # reused: fresh pages would cost more than the read
             free.put(torch.empty(CHUNK, dtype=torch.uint8))
         reader = threading.Thread(target=self._produce, args=(mine, free, ready, errors), name="distckpt-read-shared")
         reader.start()
-        recv = torch.empty(min(CHUNK, max(e - s for _, s, e, _ in shared)), dtype=torch.uint8)
+        recv = torch.empty(min(CHUNK, max((c.end - c.start for c in shared if c.src != rank), default=0)),
+                           dtype=torch.uint8)  # fmt: skip
         try:
-            for name, start, end, src in shared:
-                full = ready.get() if src == rank else recv
-                buf = full[: end - start]
-                dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group)
-                if src != rank:
+            for c in shared:
+                full = ready.get() if c.src == rank else recv
+                buf = full[: c.end - c.start]
+                if c.to is None:  # everyone: a broadcast
+                    dist.broadcast(buf, src=dist.get_global_rank(self.group, c.src), group=self.group)
+                elif c.src == rank:
+                    for work in [dist.isend(buf, group=self.group, group_dst=d) for d in c.to]:
+                        work.wait()
+                else:
+                    dist.recv(buf, group=self.group, group_src=c.src)
+                if c.src != rank:
                     with self._lock:
-                        self.counter.broadcast_bytes += end - start
-                if name in files:
-                    files[name].feed(start, memoryview(buf.numpy()))
-                if src == rank:
+                        self.counter.broadcast_bytes += c.end - c.start
+                if c.name in files:
+                    files[c.name].feed(c.start, memoryview(buf.numpy()))
+                if c.src == rank:
                     free.put(full)
         finally:
-            while reader.is_alive():  # a failed broadcast: let the reader thread finish
+            while reader.is_alive():  # a failed send: let the reader thread finish
                 free.put(torch.empty(CHUNK, dtype=torch.uint8))
                 reader.join(timeout=0.1)
 
     def _produce(
         self,
-        chunks: list[tuple[str, int, int, int]],
+        chunks: list[_Chunk],
         free: queue.Queue,
         ready: queue.Queue,
         errors: list[BaseException],
@@ -347,8 +383,8 @@ class SharedReader(StorageReader):
         """(reader thread) This rank's chunks, in broadcast order, read ahead into ``ready``."""
         open_files: dict[str, tuple[Any, Checksum | None]] = {}
         failed: set[str] = set()
-        last = {name: end for name, _, end, _ in chunks}
-        for name, start, end, _ in chunks:
+        last = {c.name: c.end for c in chunks}
+        for name, start, end, *_ in chunks:
             buf = free.get()
             view = memoryview(buf[: end - start].numpy())
             if name not in failed:
@@ -371,13 +407,27 @@ class SharedReader(StorageReader):
             f.close()
 
 
+class _Chunk(NamedTuple):
+    """Bytes ``[start, end)`` of file ``name``, read by rank ``src`` and sent to the ranks
+    ``to`` (None: broadcast to every rank of the group)."""
+
+    name: str
+    start: int
+    end: int
+    src: int
+    to: tuple[int, ...] | None = None
+
+
 def _schedule(
-    needs: list[dict[str, int]], readable_by: dict[str, set[int]] | None = None
-) -> tuple[dict[str, int], list[tuple[str, int, int, int]]]:
-    """(the same on every rank) Who reads each file: ``{file: rank}`` for files one rank needs
-    (and can open), and the broadcast order of the others' chunks, ``[(file, start, end,
-    reader)]``. ``readable_by``: on a node-local tier, the ranks that hold each file (its
-    writer's node); a file a rank needs but cannot open comes from one of them."""
+    needs: list[dict[str, int]], holders: dict[str, set[int]] | None = None
+) -> tuple[list[list[str]], list[_Chunk]]:
+    """(the same on every rank) Who reads what: per rank, the files it reads for itself, and
+    the global order of the chunks sent between ranks.
+
+    Shared storage (``holders`` None): a file one rank needs is read by that rank; a file
+    several ranks need is read by one of them (the least loaded so far, biggest files first)
+    and broadcast. Node-local (``holders``: the ranks whose node holds each file): every rank
+    that needs a file its node holds reads it; the others receive it from one holder."""
     ranks_of: dict[str, list[int]] = defaultdict(list)
     sizes: dict[str, int] = {}
     for rank, files in enumerate(needs):
@@ -385,30 +435,40 @@ def _schedule(
             ranks_of[name].append(rank)
             sizes[name] = size
     load = [0] * len(needs)
-    solo: dict[str, int] = {}
-    readers: dict[str, int] = {}
-
-    def can_read(name: str, rank: int) -> bool:
-        return readable_by is None or name not in readable_by or rank in readable_by[name]
-
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):  # biggest first: the stripes even out
-        holders = ranks_of[name]
-        if len(holders) == 1 and can_read(name, holders[0]):
-            solo[name] = holders[0]
-            load[holders[0]] += sizes[name]
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        if name not in solo:
-            eligible = [r for r in range(len(needs)) if can_read(name, r)] or ranks_of[name]
-            reader = min(eligible, key=lambda r: (load[r], r))
-            readers[name] = reader
-            load[reader] += sizes[name]
+    own: list[list[str]] = [[] for _ in needs]
+    sent: dict[str, tuple[int, tuple[int, ...] | None]] = {}  # file -> (sender, receivers)
+    biggest_first = sorted(sizes, key=lambda n: (-sizes[n], n))  # the stripes even out
+    for name in biggest_first:
+        needers = ranks_of[name]
+        if holders is not None and holders.get(name):
+            held = holders[name]
+            readers = [r for r in needers if r in held]
+            rest = tuple(r for r in needers if r not in held)
+            for r in readers:
+                own[r].append(name)
+                load[r] += sizes[name]
+            if rest:  # a reader sends what it reads anyway; else the least loaded holder
+                src = min(readers or sorted(held), key=lambda r: (load[r], r))
+                if src not in readers:
+                    load[src] += sizes[name]
+                else:
+                    own[src].remove(name)  # streamed: read once, for itself and for the others
+                sent[name] = (src, rest)
+        elif len(needers) == 1:
+            own[needers[0]].append(name)
+            load[needers[0]] += sizes[name]
+    for name in biggest_first:
+        if name not in sent and not any(name in own[r] for r in ranks_of[name]):
+            src = min(range(len(needs)), key=lambda r: (load[r], r))
+            load[src] += sizes[name]
+            sent[name] = (src, None)
     chunks = [
-        (k, name, start, min(start + CHUNK, sizes[name]), reader)
-        for name, reader in readers.items()
+        (k, name, _Chunk(name, start, min(start + CHUNK, sizes[name]), src, to))
+        for name, (src, to) in sent.items()
         for k, start in enumerate(range(0, max(sizes[name], 1), CHUNK))
     ]
     chunks.sort(key=lambda c: (c[0], c[1]))  # round-robin over files: the readers read at once
-    return solo, [(name, start, end, reader) for _, name, start, end, reader in chunks]
+    return own, [c for _, _, c in chunks]
 
 
 def _explain(name: str, e: BaseException) -> CorruptCheckpointError:

@@ -48,17 +48,66 @@ def frame(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
     cached = _frames.get(key)  # a dict read is atomic; the lock guards the misses
     if cached is not None:
         return cached
-    buf = io.BytesIO()
+    size = torch.Size(shape).numel() * dtype.itemsize
+    sink = _Sparse() if size else io.BytesIO()  # skip_data seeks over the data: no need to hold it
     with _frames_lock, torch.serialization.skip_data():  # skip_data is process-wide state
-        torch.save(torch.empty(shape, dtype=dtype), buf)
-    raw = buf.getvalue()
-    start, nbytes = _data_span(raw)
-    if nbytes != torch.Size(shape).numel() * dtype.itemsize:
+        torch.save(torch.empty(shape, dtype=dtype), sink)
+    if isinstance(sink, _Sparse):
+        framed, nbytes = sink.around_hole()
+    else:
+        raw = sink.getvalue()
+        start, nbytes = _data_span(raw)
+        framed = (raw[:start], raw[start + nbytes :])
+    if nbytes != size:
         raise RuntimeError(f"torch.save wrote {nbytes} data bytes for a {dtype} {list(shape)} tensor")
-    framed = (raw[:start], raw[start + nbytes :])
     with _frames_lock:
         _frames[key] = framed
     return framed
+
+
+class _Sparse:
+    """A file for ``torch.save`` under ``skip_data``, which seeks over each record's data: it
+    keeps what is written and leaves the hole unfilled (a BytesIO fills it with zeros - the
+    tensor's whole size allocated and written, for a few hundred bytes of frame)."""
+
+    def __init__(self) -> None:
+        self.pos, self.end = 0, 0
+        self.parts: dict[int, bytes] = {}
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        self.parts[self.pos] = data
+        self.pos += len(data)
+        self.end = max(self.end, self.pos)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.end}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def around_hole(self) -> tuple[tuple[bytes, bytes], int]:
+        """The bytes before and after the one stretch never written (the data), and its size."""
+        at, holes = 0, []
+        for pos in sorted(self.parts):
+            if pos > at:
+                holes.append((at, pos))
+            at = max(at, pos + len(self.parts[pos]))
+        if len(holes) != 1:
+            raise RuntimeError(f"torch.save skipped {len(holes)} stretches, expected one data record")
+        start, stop = holes[0]
+        head, tail = bytearray(start), bytearray(self.end - stop)
+        for pos, data in self.parts.items():
+            if pos < start:
+                head[pos : pos + len(data)] = data
+            else:
+                tail[pos - stop : pos - stop + len(data)] = data
+        return (bytes(head), bytes(tail)), stop - start
 
 
 def _data_span(raw: bytes) -> tuple[int, int]:

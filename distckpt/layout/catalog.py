@@ -175,13 +175,21 @@ class Catalog:
             raise CorruptCheckpointError(f"{self.step_path(step)}/{STATE_FILE} is not valid JSON: {e}") from e
 
     def file_problem(
-        self, step: int, man: Manifest, name: str, *, verify: bool = True, progress: Callable[[int], None] | None = None
+        self,
+        step: int,
+        man: Manifest,
+        name: str,
+        *,
+        verify: bool = True,
+        progress: Callable[[int], None] | None = None,
+        path: str | None = None,
     ) -> str | None:
         """What is wrong with one file of a step against its manifest record (missing, another
         size, and with ``verify`` another checksum), or None when it is intact.
-        ``progress(nbytes)`` is called as bytes are checksummed."""
+        ``progress(nbytes)`` is called as bytes are checksummed; ``path``: where the file is,
+        when not in the step's directory (a node's replica of it)."""
         rec = man.files[name]
-        path = self.storage.join(self.step_path(step), name)
+        path = path or self.storage.join(self.step_path(step), name)
         try:
             size = self.storage.size(path)
         except FileNotFoundError:
