@@ -2,15 +2,17 @@
 (``distckpt/dcp/plan_cache.py``): what they write is a plain DCP checkpoint, bit-exact,
 repeated saves skip DCP's planning, and any change of the tensors re-plans."""
 
+import io
 import os
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 import distckpt
 from distckpt.dcp import write_items
 from distckpt.dcp.plan_cache import PlanCache
-from distckpt.dcp.writer import frame
+from distckpt.dcp.writer import _data_span, frame
 from distckpt.layout.manifest import checksum_stream
 from distckpt.storage import open_storage
 
@@ -32,6 +34,32 @@ def test_framed_items_are_what_torch_save_writes(tmp_path):
     head, tail = frame(t.dtype, tuple(t.shape))
     path = tmp_path / "x.pt"
     path.write_bytes(head + t.numpy().tobytes() + tail)
+    assert torch.equal(torch.load(path, weights_only=True), t)
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (torch.float32, (3, 5)),
+        (torch.bfloat16, (7,)),
+        (torch.int64, ()),
+        (torch.float32, (0, 4)),
+        (torch.float16, (4096, 4096)),
+    ],  # fmt: skip
+)
+def test_frames_are_torch_saves_skip_data_output_and_load(dtype, shape, tmp_path):
+    """frame() never holds the data; its bytes are what torch.save writes around the data
+    under skip_data (as steps written before were framed), and the result loads."""
+    t = (torch.rand(shape) * 100).to(dtype)
+    buf = io.BytesIO()
+    with torch.serialization.skip_data():
+        torch.save(torch.empty(shape, dtype=dtype), buf)  # BytesIO: the hole is filled with zeros
+    raw = buf.getvalue()
+    start, nbytes = _data_span(raw)
+    assert frame(dtype, shape) == (raw[:start], raw[start + nbytes :])
+    head, tail = frame(dtype, shape)
+    path = tmp_path / "x.pt"
+    path.write_bytes(head + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() + tail)
     assert torch.equal(torch.load(path, weights_only=True), t)
 
 
