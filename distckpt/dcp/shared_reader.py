@@ -52,6 +52,7 @@ from .fs import StorageFS, StorageReader
 from .writer import frame
 
 CHUNK = 32 << 20  # bytes per broadcast (and per read of a shared file)
+PIECE = 8 << 20  # bytes per point-to-point send: gloo moves smaller messages faster (~2.5 vs 2 GB/s)
 _DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
 
@@ -344,8 +345,9 @@ class SharedReader(StorageReader):
         mine = [c for c in shared if c.src == rank]
         ready: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
+        size = max((c.end - c.start for c in mine), default=0)
         for _ in range(min(_AHEAD, len(mine))):  # reused: fresh pages would cost more than the read
-            free.put(torch.empty(CHUNK, dtype=torch.uint8))
+            free.put(torch.empty(size, dtype=torch.uint8))
         reader = threading.Thread(target=self._produce, args=(mine, free, ready, errors), name="distckpt-read-shared")
         reader.start()
         recv = torch.empty(min(CHUNK, max((c.end - c.start for c in shared if c.src != rank), default=0)),
@@ -370,7 +372,7 @@ class SharedReader(StorageReader):
                     free.put(full)
         finally:
             while reader.is_alive():  # a failed send: let the reader thread finish
-                free.put(torch.empty(CHUNK, dtype=torch.uint8))
+                free.put(torch.empty(size, dtype=torch.uint8))
                 reader.join(timeout=0.1)
 
     def _produce(
@@ -434,7 +436,7 @@ def _schedule(
         for name, size in files.items():
             ranks_of[name].append(rank)
             sizes[name] = size
-    load = [0] * len(needs)
+    load, sending = [0] * len(needs), [0] * len(needs)
     own: list[list[str]] = [[] for _ in needs]
     sent: dict[str, tuple[int, tuple[int, ...] | None]] = {}  # file -> (sender, receivers)
     biggest_first = sorted(sizes, key=lambda n: (-sizes[n], n))  # the stripes even out
@@ -447,8 +449,9 @@ def _schedule(
             for r in readers:
                 own[r].append(name)
                 load[r] += sizes[name]
-            if rest:  # a reader sends what it reads anyway; else the least loaded holder
-                src = min(readers or sorted(held), key=lambda r: (load[r], r))
+            if rest:  # a reader sends what it reads anyway (the one that sent least); else a holder
+                src = min(readers or sorted(held), key=lambda r: (sending[r], load[r], r))
+                sending[src] += sizes[name]
                 if src not in readers:
                     load[src] += sizes[name]
                 else:
@@ -462,10 +465,11 @@ def _schedule(
             src = min(range(len(needs)), key=lambda r: (load[r], r))
             load[src] += sizes[name]
             sent[name] = (src, None)
+    step = {name: CHUNK if to is None else PIECE for name, (_, to) in sent.items()}
     chunks = [
-        (k, name, _Chunk(name, start, min(start + CHUNK, sizes[name]), src, to))
+        (k, name, _Chunk(name, start, min(start + step[name], sizes[name]), src, to))
         for name, (src, to) in sent.items()
-        for k, start in enumerate(range(0, max(sizes[name], 1), CHUNK))
+        for k, start in enumerate(range(0, max(sizes[name], 1), step[name]))
     ]
     chunks.sort(key=lambda c: (c[0], c[1]))  # round-robin over files: the readers read at once
     return own, [c for _, _, c in chunks]

@@ -143,3 +143,17 @@ def test_frameworks_bench_compares_each_framework_default_with_distckpt(tmp_path
         assert 0 < s["stall_s"] <= s["durable_s"]
     assert summary["lightning:distckpt"]["stall_vs_default"] > 0
     assert (out / "frameworks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_bench_reports_protection_and_recovery_reading_nothing_from_s3(tmp_path):
+    out = tmp_path / "memory"
+    cmd = [sys.executable, "-m", "benchmarks.memory_bench", "--size-mb", "8", "--rounds", "1", "--saves", "1",
+           "--mem", str(tmp_path / "mem"), "--out", str(out)]  # fmt: skip
+    (tmp_path / "mem").mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    s = json.loads((out / "memory.json").read_text())["summary"]
+    assert s["bit_exact"] is True and s["recovery_tier"] == ["local+replica"]
+    assert s["recovery_s3_get_bytes"] < 1000 < s["checkpoint_bytes"] <= s["s3_restore_get_bytes"]  # only the lease
+    assert 0 < s["recovery_s"] <= s["recovery_protected_again_s"] and s["save_protected_s"] > 0
+    assert "target >= 5x" in proc.stdout and (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
