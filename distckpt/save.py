@@ -19,6 +19,7 @@ Then ``_run(job)`` on the save thread (``async_save``) or right away. Every phas
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -41,7 +42,7 @@ from .layout.catalog import CheckpointInfo, SaveStats
 from .layout.lease import Lease
 from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
 from .layout.pointer import Pointers
-from .layout.tier import Tiers
+from .layout.tier import Tier, Tiers
 from .log import log
 from .ranks import Ranks
 from .recoverables import Recoverables
@@ -186,49 +187,79 @@ class Saves:
     # --- 3-5: on the save thread -----------------------------------------------------------
 
     def _run(self, job: SaveJob) -> CheckpointInfo:
-        """(all ranks, in save order) prepare, write, commit. Raises on every rank or none."""
-        ranks, tier, what = self.ranks, self.tier, f"step {job.step}"
+        """(all ranks, in save order) prepare, write, commit. Raises on every rank or none.
+        A save that does not fit in the local tier (node memory or local disk full on some
+        node) goes straight to the remote tier instead: the job keeps its saves."""
+        try:
+            try:
+                return self._save_to(self.tier, job)
+            except CheckpointError as e:
+                err = e
+                if self.uploader is None or not any(
+                    self.ranks.agree(lambda: _no_space(err), f"deciding where step {job.step} goes", on="bg")
+                ):
+                    raise
+                remote = self.tiers.primary
+                log.error(
+                    "step %d does not fit in the local tier %s (%s); it is written straight to %s instead. "
+                    "Free space there, or lower local_keep / the replicas it holds",
+                    job.step,
+                    self.tier.storage.url,
+                    e,
+                    remote.storage.url,
+                )
+                return self._save_to(remote, job)
+        finally:
+            job.staged.release()
+
+    def _save_to(self, tier: Tier, job: SaveJob) -> CheckpointInfo:
+        ranks, what = self.ranks, f"step {job.step}"
         nonce = f"{self.nonce}-{next(self._seq)}"
         workdir = tier.commit.workdir(job.step, nonce)
         with self._lock:
             self.active.add(workdir)
         try:
-            ranks.agree(lambda: self._prepare(job, workdir), f"preparing {what}", on="bg")
+            ranks.agree(lambda: self._prepare(tier, job, workdir), f"preparing {what}", on="bg")
             t_write = time.perf_counter()
-            results = ranks.agree(lambda: self._write(job, workdir), f"writing {what}", on="bg")
+            results = ranks.agree(lambda: self._write(tier, job, workdir), f"writing {what}", on="bg")
             t_commit = time.perf_counter()
-            docs = ranks.agree(lambda: self._commit(job, workdir, results), f"committing {what}", on="bg")[0]
+            docs = ranks.agree(lambda: self._commit(tier, job, workdir, results), f"committing {what}", on="bg")[0]
             if self.topology.replicates_commit(tier):
-                ranks.agree(lambda: self._commit_node_copy(workdir, *docs), f"committing {what} on every node", on="bg")
+                ranks.agree(
+                    lambda: self._commit_node_copy(tier, workdir, *docs), f"committing {what} on every node", on="bg"
+                )
         except CheckpointError as e:
             if self.topology.owns(tier):
                 tier.commit.abort(workdir)
             self._raise_if_fenced(e)
             raise
         finally:
-            job.staged.release()
             with self._lock:
                 self.active.discard(workdir)
         manifest = Manifest.from_json(docs[0], "the manifest just written")
         stats = self._stats(job, t_write, t_commit, results)
         info = replace(tier.catalog.info(manifest), stats=stats, tier=tier.name)
         _log_commit(info, stats)
+        if tier is not self.tier:  # straight to the remote tier: nothing to protect or upload
+            if self.topology.owns(tier):
+                self._janitor_job = self._janitor.submit(self._retain_remote)
+            return info
         unprotected = self._protect(job.step)
         if self.uploader is not None:  # the remote tier gets its saves even when one is unprotected
-            self._upload_or_keep(manifest, nonce)
+            self._upload_or_keep(manifest, nonce, force=unprotected is not None)
         if self.topology.owns(tier):
             self._janitor_job = self._janitor.submit(self._retain)
         if unprotected is not None:
             raise unprotected
         return info
 
-    def _upload_or_keep(self, manifest: Manifest, nonce: str) -> None:
-        """(all ranks, same decision) Every ``upload_every``-th save, and the final save before
-        a preemption exit, is uploaded; the others stay in node memory (``flush_remote``
-        uploads the newest of them at ``close``)."""
+    def _upload_or_keep(self, manifest: Manifest, nonce: str, force: bool = False) -> None:
+        """(all ranks, same decision) Every ``upload_every``-th save, the final save before a
+        preemption exit, and a save no partner protects (``force``) are uploaded; the others
+        stay in node memory (``flush_remote`` uploads the newest of them at ``close``)."""
         assert self.uploader is not None
         self._since_upload += 1
-        if self._since_upload >= self.upload_every or self._force_upload:
+        if self._since_upload >= self.upload_every or self._force_upload or force:
             self.uploader.submit(manifest, nonce)
             self._since_upload, self._not_uploaded = 0, None
         else:
@@ -259,7 +290,7 @@ class Saves:
                  rep.replicas, time.perf_counter() - t0)  # fmt: skip
         return None
 
-    def _prepare(self, job: SaveJob, workdir: str) -> None:
+    def _prepare(self, tier: Tier, job: SaveJob, workdir: str) -> None:
         if job.error is not None:
             raise job.error
         if self.ranks.is_chief:
@@ -269,25 +300,27 @@ class Saves:
                         f"step {job.step} is already committed in {tier.storage.url}; save under a new step "
                         "number or delete it first"
                     )
-        if self.topology.prepares(self.tier, self.engine.writes(self.ranks)):
-            self.tier.commit.create_workdir(workdir)
+        if self.topology.prepares(tier, self.engine.writes(self.ranks)):
+            tier.commit.create_workdir(workdir)
 
-    def _write(self, job: SaveJob, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
+    def _write(self, tier: Tier, job: SaveJob, workdir: str) -> tuple[list[FileRecord], dict[str, Any], dict[str, Any]]:
         tensors = job.staged.materialize()
         try:
-            records, table = self.engine.write(tensors, workdir, self.tier.storage, self.ranks)
+            records, table = self.engine.write(tensors, workdir, tier.storage, self.ranks)
         except (CheckpointError, OSError) as e:
-            explained = explain_storage_error(e, self.tier.storage.url, job.step)
+            explained = explain_storage_error(e, tier.storage.url, job.step)
             if explained is e:
                 raise
             raise explained from e
         return records, table, job.per_rank
 
-    def _commit(self, job: SaveJob, workdir: str, results: list[Any]) -> tuple[bytes, bytes, bytes | None] | None:
+    def _commit(
+        self, tier: Tier, job: SaveJob, workdir: str, results: list[Any]
+    ) -> tuple[bytes, bytes, bytes | None] | None:
         """(chief) ``state.json`` and the manifest, then the atomic commit."""
         if not self.ranks.is_chief:
             return None
-        storage = self.tier.storage
+        storage = tier.storage
         state = {
             "recoverables": job.skeletons,
             "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
@@ -305,25 +338,27 @@ class Saves:
             mode=self.engine.mode,
             files=files,
             meta=job.meta,
-            placement=self.replicator.placement() if self.replicator is not None else None,
+            placement=self.replicator.placement() if self.replicator is not None and tier is self.tier else None,
         )
         if self.lease is not None:
             self.lease.check()  # fencing: never commit into a root another job has taken
         metadata = None
-        if self.topology.replicates_commit(self.tier):  # other nodes' local tiers need a copy
+        if self.topology.replicates_commit(tier):  # other nodes' local tiers need a copy
             metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA))
-        self.tier.commit.finish(workdir, manifest)
+        tier.commit.finish(workdir, manifest)
         return manifest.to_json(), data, metadata
 
-    def _commit_node_copy(self, workdir: str, manifest_json: bytes, state_json: bytes, metadata: bytes | None) -> None:
+    def _commit_node_copy(
+        self, tier: Tier, workdir: str, manifest_json: bytes, state_json: bytes, metadata: bytes | None
+    ) -> None:
         """(node leaders other than the chief's) commit this node's share of the step locally."""
-        if not self.topology.commits_node_copy(self.tier):
+        if not self.topology.commits_node_copy(tier):
             return
-        storage = self.tier.storage
+        storage = tier.storage
         storage.write_bytes(storage.join(workdir, STATE_FILE), state_json)
         if metadata is not None:
             storage.write_bytes(storage.join(workdir, DCP_METADATA), metadata)
-        self.tier.commit.finish(workdir, Manifest.from_json(manifest_json, "the chief's manifest"))
+        tier.commit.finish(workdir, Manifest.from_json(manifest_json, "the chief's manifest"))
 
     def _raise_if_fenced(self, err: CheckpointError) -> None:
         """(chief) A failed save in a root another job has taken over fails for that reason:
@@ -362,6 +397,13 @@ class Saves:
             self.tier.catalog.clean_leftovers(self._active_now)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
+
+    def _retain_remote(self) -> None:
+        """(the chief, janitor thread) after a save that went straight to the remote tier."""
+        try:
+            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers)
+        except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
+            log.warning("remote retention failed (%s); it will be retried", e)
 
     def _active_now(self) -> Container[str]:
         """Work directories that are not leftovers: this job's own (its nonce in the name).
@@ -449,6 +491,19 @@ def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:
         s.commit_s,
         s.bytes_written,
     )
+
+
+def _no_space(err: CheckpointError) -> bool:
+    """The failure was a full local tier (ENOSPC / EDQUOT) on this rank."""
+    for e in err.errors.values():
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+            if "no space left" in str(cause).lower():  # explained, or from another rank
+                return True
+            cause = cause.__cause__
+    return False
 
 
 def check_step(step: Any) -> int:

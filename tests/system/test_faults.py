@@ -122,3 +122,33 @@ def test_a_save_failing_in_a_root_another_job_took_over_names_the_takeover(small
             ckpt.save(1)
         assert ckpt.list() == []
     assert json.load(open(lock))["nonce"] == "another-job"  # the other job's lease is left alone
+
+
+def _memory_fills_up(rank, world, local, url):
+    holder = {"w": torch.full((256, 1024), float(rank))}  # 1 MiB per rank
+    out = []
+    with Checkpointer(url, {"state": holder}, local_dir=local, local_keep=1, write_threads=1) as ckpt:
+        out.append(ckpt.save(1).wait().tier)
+        holder["big"] = torch.ones(4 * 1024 * 1024)  # 16 MiB per rank: more than node memory holds
+        out.append(ckpt.save(2).wait().tier)
+        del holder["big"]
+        holder["w"] = torch.full((256, 1024), 3.0 + rank)
+        out.append(ckpt.save(3).wait().tier)  # fits again: back to memory first
+        ckpt.wait()
+        listed = {c.step: c.tier for c in ckpt.list()}
+    return out, listed
+
+
+def test_a_save_that_does_not_fit_in_node_memory_goes_straight_to_the_remote_tier(small_disk, tmp_path):
+    url = str(tmp_path / "remote")
+    out = run_ranks(_memory_fills_up, 2, os.path.join(small_disk, "mem"), url)
+    for tiers, listed in out:
+        assert tiers == ["local", "primary", "local"]  # step 2 skipped node memory, and was not lost
+        assert listed[2] == "primary" and listed[3] == "local"
+    assert not [n for n in os.listdir(os.path.join(small_disk, "mem")) if n.startswith(".tmp-")]
+    target = {"w": torch.zeros(256, 1024), "big": torch.zeros(4 * 1024 * 1024)}
+    with Checkpointer(url, {"state": target}, read_only=True) as reader:
+        assert reader.restore(step=2).tier == "primary"
+        assert torch.equal(target["big"], torch.ones(4 * 1024 * 1024)) and torch.equal(
+            target["w"], torch.zeros(256, 1024)
+        )
