@@ -59,8 +59,10 @@ class Checkpointer:
             kept by this many partner nodes (``replicas.py``): a lost node's memory comes
             back from its partner, not from ``url``. ``0``: no replicas.
         upload_every: with ``local_dir``, every k-th save also goes to ``url`` (in the
-            background); the others stay in node memory. The final save before a preemption
-            exit, and at ``close()`` the newest save, always go.
+            background); the others stay in node memory. A ``timedelta``: the first save, then
+            the first one at least that long after the last that went (the chief's clock).
+            The final save before a preemption exit, a save no partner protects, and at
+            ``close()`` the newest save, always go.
         process_group: the ranks to coordinate (default: the whole job); ``"local"``: this
             process alone, with no collectives, for frameworks that call checkpoint I/O on
             one rank only (Lightning's ``CheckpointIO``: see ``distckpt.integrations``).
@@ -90,7 +92,7 @@ class Checkpointer:
         local_dir: str | None = None,
         local_keep: int = 2,
         replicas: int = 1,
-        upload_every: int = 1,
+        upload_every: int | timedelta = 1,
         process_group: Any = None,
         timeout: timedelta | float = timedelta(minutes=30),
         max_in_flight: int = 1,

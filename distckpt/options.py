@@ -27,7 +27,7 @@ class Options:
     local_dir: str | None = None
     local_keep: int = 2
     replicas: int = 1
-    upload_every: int = 1
+    upload_every: int | timedelta = 1
     process_group: Any = None
     timeout: timedelta = timedelta(minutes=30)
     max_in_flight: int = 1
@@ -44,8 +44,12 @@ class Options:
             raise ValueError(f"mode must be 'sharded' or 'chief', got {self.mode!r}")
         if isinstance(self.timeout, (int, float)):
             object.__setattr__(self, "timeout", timedelta(seconds=self.timeout))
+        if isinstance(self.upload_every, timedelta) and self.upload_every.total_seconds() <= 0:
+            raise ValueError(f"upload_every must be an int >= 1 or a positive timedelta, got {self.upload_every!r}")
         for name in ("max_in_flight", "local_keep", "upload_every"):
             value = getattr(self, name)
+            if name == "upload_every" and isinstance(value, timedelta):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 0:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Container, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ class Saves:
     lease: Lease | None = None
     pointers: Pointers | None = None  # latest.json / best.json, when saves commit on the primary
     replicator: Replicator | None = None  # copies of each node's local step on partner nodes
-    upload_every: int = 1  # with a local tier: every k-th save also goes to the remote tier
+    upload_every: int | timedelta = 1  # with a local tier: every k-th save (or interval) also goes remote
 
     def __post_init__(self) -> None:
         self.tier = self.tiers.first  # where saves are written and committed first
@@ -127,6 +128,7 @@ class Saves:
         self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention", initializer=yield_to_training)
         self._janitor_job: Future | None = None
         self._since_upload = 0  # local-tier saves not uploaded since the last upload
+        self._last_upload: float | None = None  # when a save last went to the remote tier (monotonic)
         self._force_upload = False  # the final save before a preemption exit goes remote
         self._not_uploaded: tuple[Manifest, str] | None = None  # the newest such save
 
@@ -259,11 +261,22 @@ class Saves:
         stay in node memory (``flush_remote`` uploads the newest of them at ``close``)."""
         assert self.uploader is not None
         self._since_upload += 1
-        if self._since_upload >= self.upload_every or self._force_upload or force:
+        if self._upload_due() or self._force_upload or force:
+            self._last_upload = time.monotonic()
             self.uploader.submit(manifest, nonce)
             self._since_upload, self._not_uploaded = 0, None
         else:
             self._not_uploaded = (manifest, nonce)
+
+    def _upload_due(self) -> bool:
+        """(all ranks, save thread) ``upload_every`` saves since the last upload, or with a
+        ``timedelta``, that long since (the chief's clock decides, for every rank)."""
+        every = self.upload_every
+        if not isinstance(every, timedelta):
+            return self._since_upload >= every
+        last = self._last_upload
+        due = last is None or time.monotonic() - last >= every.total_seconds()
+        return bool(self.ranks.agree(lambda: due, "deciding whether to upload", on="bg")[0])
 
     def flush_remote(self) -> None:
         """(all ranks, at close) The newest save that stayed in node memory goes remote too."""

@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -211,3 +212,27 @@ def test_every_kth_save_goes_remote_and_close_sends_the_newest(tmp_path):
     assert before_close[0] == [3]  # saves 1, 2, 4, 5 stayed in node memory (and on the partner)
     remote = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
     assert remote == [3, 5]  # close() uploaded the newest one
+
+
+def _save_on_an_interval(rank, world, root, mem):
+    t = torch.zeros(1000)
+    went = []
+    with Checkpointer(root, {"t": t}, local_dir=os.path.join(mem, f"node{rank}"),
+                      upload_every=timedelta(seconds=3)) as ckpt:  # fmt: skip
+        for step in range(1, 5):
+            if step == 3:
+                time.sleep(3.2)  # the interval has passed: step 3 goes remote
+            t.fill_(step)
+            ckpt.save(step)
+            ckpt.wait()
+            went.append(sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_")))
+    return went
+
+
+def test_saves_go_remote_on_a_time_interval(tmp_path):
+    root, mem = str(tmp_path / "remote"), str(tmp_path / "mem")
+    went = run_ranks(_save_on_an_interval, 2, root, mem)
+    assert went[0] == [[1], [1], [1, 3], [1, 3]]  # the first save, then one once 3 s have passed
+    assert sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_")) == [1, 3, 4]  # + close()
+    with pytest.raises(ValueError, match="positive timedelta"):
+        Checkpointer(root, {"t": torch.zeros(1)}, local_dir=str(tmp_path / "m"), upload_every=timedelta(0))
