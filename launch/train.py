@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--storage-options", default="{}", help="JSON passed to fsspec (e.g. an S3 endpoint)")
+    p.add_argument("--local-dir", default=None, help="node memory or local disk in front of --ckpt-dir (/dev/shm/run)")
+    p.add_argument("--upload-every", type=int, default=1, help="with --local-dir: every k-th save goes to --ckpt-dir")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to idle per step (demo pacing)")
@@ -199,12 +201,14 @@ def main(argv: list[str] | None = None) -> None:
         async_save=args.async_save,
         keep=distckpt.Keep(last=args.keep_last),
         storage_options=json.loads(args.storage_options),
+        local_dir=args.local_dir,
+        upload_every=args.upload_every,
         preemption=preemption,
     )
     info = ckpt.restore()
     step = info.step if info else 0
     if rank == 0:
-        say(f"resumed from step {step}" if info else "starting fresh")
+        say(f"resumed from step {step} ({info.tier} tier)" if info else "starting fresh")
     if ckpt.should_stop(step):  # signalled while starting up
         ckpt.save_and_exit(step)
 

@@ -3,6 +3,7 @@ restart that resumes bit-exact. Real gloo ranks (tests/harness.py) and real torc
 (launch/torchrun.sh running launch/train.py); the SLURM side is in test_slurm.py."""
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -304,3 +305,55 @@ def test_torchrun_sh_two_nodes_on_one_machine_match_the_single_node_run(tmp_path
     text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert rcs == [0, 0], text[-4000:]
     assert jobs.result(text) == reference
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_restart_on_the_same_nodes_resumes_from_node_memory(tmp_path, reference):
+    """Two torchrun nodes on one machine, each with its own node memory (``--local-dir``);
+    only every 3rd save goes to ``--ckpt-dir``. A worker is SIGKILLed; torchrun restarts
+    both nodes' workers and they resume from node memory, which survived, bit-exact."""
+    ckpt_dir, mem = str(tmp_path / "ckpt"), tmp_path / "mem"
+    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{free_port()}", "--run-id", uuid.uuid4().hex,
+            "--max-restarts", "1"]  # fmt: skip
+    procs = [
+        _start(
+            jobs.torchrun_cmd(
+                ckpt_dir,
+                "--step-sleep",
+                "0.1",
+                "--local-dir",
+                str(mem / f"node{i}"),
+                "--upload-every",
+                "3",
+                launcher=node,
+            ),
+            tmp_path / f"node{i}.log",
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        jobs.wait_for(lambda: max(jobs.committed(str(mem / "node0")), default=0) >= 20, 180, "step 20 in memory")
+        victim = jobs.wait_for(lambda: _workers_of(procs), 30, "the workers")
+        victim.kill()
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            jobs.kill_tree(p)
+    text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert rcs == [0, 0], text[-4000:]
+    resumed = re.findall(r"resumed from step (\d+) \((\S+) tier\)", text)
+    assert len(resumed) == 1 and int(resumed[0][0]) >= 20 and resumed[0][1] == "local", text[-4000:]
+    assert jobs.result(text) == reference
+
+
+def _workers_of(launchers):
+    """The worker of rank 1, whichever launcher started it."""
+    for launcher in launchers:
+        for proc in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                environ = proc.environ()
+            except psutil.Error:
+                continue
+            if environ.get("RANK") == "1" and "TORCHELASTIC_RESTART_COUNT" in environ:
+                return proc
+    return None
