@@ -131,10 +131,22 @@ class Replicator:
             )
 
     def prune(self, keep: int) -> None:
-        """(node leaders) the newest ``keep`` replicas of each partner."""
+        """(node leaders, nothing being received) the newest ``keep`` replicas of each
+        partner; replicas whose receiving was interrupted (a kill) are removed."""
         for node in range(self.topology.nodes):
             if self._holds_for(node):
                 apply(Keep(last=keep), self.store(node).catalog)
+        self._clean()
+
+    def _clean(self) -> None:
+        """(node leaders, nothing being received) Remove uncommitted replicas: a receive
+        interrupted by a kill leaves its work directory behind, in memory."""
+        base = self.local.storage.join(self.local.storage.root, "replicas")
+        if not self.local.storage.exists(base):
+            return
+        for name in self.local.storage.listdir(base):
+            if name.startswith("node-") and name[5:].isdigit():
+                self.store(int(name[5:])).catalog.clean_leftovers()
 
     # --- 2. before a restore ------------------------------------------------------------
 
@@ -148,7 +160,14 @@ class Replicator:
         while training resumes; ``settle()`` waits for it, and the next save does. ``now``: move everything before returning (a restore that asks for a step
         other than the newest). Returns ``{step: [nodes whose own copy was lost]}``."""
         self.settle()
-        held = self.ranks.agree(lambda: self.holdings() if self.topology.leader else None, "listing node memory")
+
+        def held_here() -> dict[str, Any] | None:
+            if not self.topology.leader:
+                return None
+            self._clean()  # nothing is being received now
+            return self.holdings()
+
+        held = self.ranks.agree(held_here, "listing node memory")
         views = {h["node"]: h for h in held if h is not None}
         plan, lost = plan_repairs(views, self.topology.nodes, self.partners)
         for step, nodes in sorted(lost.items()):

@@ -98,11 +98,15 @@ def test_only_the_wiped_node_is_refilled_when_other_nodes_still_hold_their_copie
     root, mem, saved = _setup(tmp_path, 4, 1, "sharded")
     shutil.rmtree(os.path.join(mem, "node3"))  # node 3's copy lives on node 0
     held = {n: (_held(mem, n), _held(mem, n, (n - 1) % 4)) for n in range(3)}
+    interrupted = os.path.join(mem, "node0", "replicas", "node-3", ".tmp-step_000000000099-replica-3")
+    os.makedirs(interrupted)  # a receive killed mid-way: its memory is given back
+    open(os.path.join(interrupted, "__3_0.distcp"), "wb").write(b"x" * 1000)
     out = run_ranks(_restore, 4, root, mem, 1, "sharded")
     assert [(s, t) for s, t, _ in out] == [(STEPS, "local+replica")] * 4
     assert all(tensors_equal(state, saved[r]) for r, (_, _, state) in enumerate(out))
     assert {n: (_held(mem, n), _held(mem, n, (n - 1) % 4)) for n in range(3)} == held  # untouched
     assert _held(mem, 3) == _held(mem, 3, 2) == [STEPS - 1, STEPS]  # its copies and its replicas of node 2
+    assert not os.path.exists(interrupted)
 
 
 def test_a_memory_tier_step_saved_by_4_ranks_restores_on_2(tmp_path):
