@@ -307,10 +307,10 @@ class Saves:
         if job.error is not None:
             raise job.error
         if self.ranks.is_chief:
-            for tier in self.tiers.all:
-                if tier.catalog.is_committed(job.step):
+            for where in self.tiers.all:
+                if where.catalog.is_committed(job.step):
                     raise DistckptError(
-                        f"step {job.step} is already committed in {tier.storage.url}; save under a new step "
+                        f"step {job.step} is already committed in {where.storage.url}; save under a new step "
                         "number or delete it first"
                     )
         if self.topology.prepares(tier, self.engine.writes(self.ranks)):
