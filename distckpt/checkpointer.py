@@ -414,7 +414,7 @@ class _Parts:
             upload_every=opts.upload_every,
         )
         scheduler = Scheduler(opts.save_policy, ranks)
-        restorer = Restorer(ranks, topology, tiers, engine, replicator)
+        restorer = Restorer(ranks, topology, tiers, engine, replicator, repair=not opts.read_only)
         return cls(ranks, engine, tiers, saves, restorer, lease, scheduler, pointers)
 
     def close(self) -> None:

@@ -45,6 +45,7 @@ from .layout.tier import Tier
 from .log import log
 from .ranks import Ranks
 from .retention import Keep, apply
+from .storage import read_exactly
 from .topology import Topology
 
 
@@ -80,8 +81,7 @@ class Replicator:
         """(this node) the tier that holds ``owner``'s replicas."""
         if owner not in self.stores:
             url = self.local.storage.join(self.local.storage.root, "replicas", f"node-{owner}")
-            self.stores[owner] = Tier.open(f"replica-of-{owner}", url, None, shared=False)
-            self.stores[owner].storage.makedirs(self.stores[owner].catalog.root)
+            self.stores[owner] = Tier.open(f"replica-of-{owner}", url, None, shared=False)  # made by a receive
         return self.stores[owner]
 
     def held_stores(self) -> list[Tier]:
@@ -310,7 +310,7 @@ class Replicator:
                     raise OSError("read failed earlier")
                 if piece.start == 0:
                     files[piece.name] = storage.open_read(storage.join(stepdir, piece.name))
-                _readinto(files[piece.name], view)
+                read_exactly(files[piece.name], view)
             except Exception as e:
                 if piece.name not in errors:
                     errors.append(piece.name)
@@ -434,15 +434,6 @@ def _pipeline(
     finally:
         free.put(None)
         worker.join()
-
-
-def _readinto(f: Any, view: memoryview) -> None:
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise OSError(f"shorter than its size ({done} of {len(view)} bytes)")
-        done += n
 
 
 def _send_piece(buf: torch.Tensor, piece: _Piece, dst: int, group: Any) -> None:

@@ -50,10 +50,18 @@ class Restorer:
     """Restores from the job's tiers (the fastest that holds a step first)."""
 
     def __init__(
-        self, ranks: Ranks, topology: Topology, tiers: Tiers, engine: Engine, replicator: Replicator | None = None
+        self,
+        ranks: Ranks,
+        topology: Topology,
+        tiers: Tiers,
+        engine: Engine,
+        replicator: Replicator | None = None,
+        *,
+        repair: bool = True,
     ) -> None:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
-        self.replicator = replicator
+        self.replicator = replicator  # replicas are read where they are in any case
+        self.repairs = repair and replicator is not None  # read_only: node memory is never written
         self.repaired: dict[int, list[int]] = {}  #: step -> nodes whose copy came from a partner
         self.node_local: NodeLocal | None = None  #: node-local tier: who holds each file of the step, where
         self.url = tiers.primary.storage.url
@@ -83,14 +91,14 @@ class Restorer:
         try:
             return self._restore(adapters, verify, strict, selection)
         finally:
-            if self.replicator is not None:
+            if self.repairs and self.replicator is not None:
                 self.replicator.refill()  # node memory is refilled from partners while training resumes
 
     def _restore(
         self, adapters: dict[str, Adapter], verify: bool, strict: bool, selection: dict[str, Any]
     ) -> CheckpointInfo | None:
         ranks, step = self.ranks, selection["step"]
-        if self.replicator is not None and self.topology.nodes > 1:  # node memory first, from partners
+        if self.repairs and self.replicator is not None and self.topology.nodes > 1:  # node memory first
             newest = all(v is None for v in selection.values())  # else every step first: any may be asked for
             group = ranks.group("rep") if self.replicator.active else None
             self.repaired = self.replicator.repair(group, now=not newest)

@@ -47,7 +47,7 @@ from torch.futures import Future
 
 from ..errors import CorruptCheckpointError
 from ..layout.manifest import Checksum, FileRecord
-from ..storage import Storage
+from ..storage import Storage, read_exactly
 from .fs import StorageFS, StorageReader
 from .writer import frame
 
@@ -267,12 +267,7 @@ class SharedReader(StorageReader):
         return f, (Checksum() if self.files is not None and name in self.files else None)
 
     def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"unexpected end of file after {done} of {len(view)} bytes")
-            done += n
+        read_exactly(f, view)
         with self._lock:
             self.counter.bytes += len(view)
             self.counter.reads += 1

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import Storage, is_local_url, local_path
+from .base import Storage, is_local_url, local_path, read_exactly
 from .posix import PosixStorage
 
-__all__ = ["PosixStorage", "Storage", "is_local_url", "local_path", "open_storage"]
+__all__ = ["PosixStorage", "Storage", "is_local_url", "local_path", "open_storage", "read_exactly"]
 
 
 def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:

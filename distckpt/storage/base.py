@@ -88,3 +88,14 @@ def is_local_url(url: str) -> bool:
 def local_path(url: str) -> str:
     """The absolute filesystem path of a local URL (``file://`` and ``~`` resolved)."""
     return os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
+
+
+def read_exactly(f: BinaryIO, view: memoryview) -> None:
+    """Fill ``view`` from ``f`` (``readinto`` may return less than asked); a file that ends
+    first is an error."""
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])  # type: ignore[attr-defined]
+        if not n:
+            raise OSError(f"unexpected end of file after {done} of {len(view)} bytes")
+        done += n

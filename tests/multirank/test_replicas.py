@@ -240,3 +240,21 @@ def test_saves_go_remote_on_a_time_interval(tmp_path):
     assert sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_")) == [1, 3, 4]  # + close()
     with pytest.raises(ValueError, match="positive timedelta"):
         Checkpointer(root, {"t": torch.zeros(1)}, local_dir=str(tmp_path / "m"), upload_every=timedelta(0))
+
+
+def _restore_read_only(rank, world, root, mem, per_node):
+    model, optim, _ = make_training(seed=7)
+    with Checkpointer(root, {"model": model, "optim": optim}, read_only=True, **_kwargs(rank, per_node, mem)) as ckpt:
+        info = ckpt.restore()
+        return info.step, clone_state(model.state_dict())
+
+
+def test_a_read_only_restore_reads_partners_replicas_and_writes_no_node_memory(tmp_path):
+    root, mem, saved = _setup(tmp_path, 4, 2, "sharded")
+    shutil.rmtree(os.path.join(mem, "node1"))
+    shutil.rmtree(root)
+    os.makedirs(root)
+    out = run_ranks(_restore_read_only, 4, root, mem, 2)
+    for rank, (step, state) in enumerate(out):  # node 1's ranks received what node 0 holds
+        assert step == STEPS and tensors_equal(state, saved[rank])
+    assert not os.path.exists(os.path.join(mem, "node1"))  # nothing refilled, nothing made: read only

@@ -294,17 +294,29 @@ def test_torchrun_signals_stop_every_rank_save_and_restart_bit_exact(tmp_path, r
 
 @pytest.mark.timeout(300)
 def test_torchrun_sh_two_nodes_on_one_machine_match_the_single_node_run(tmp_path, reference):
-    ckpt_dir = str(tmp_path / "ckpt")
-    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{free_port()}", "--run-id", uuid.uuid4().hex]
-    procs = [_start(jobs.torchrun_cmd(ckpt_dir, launcher=node), tmp_path / f"node{i}.log") for i in range(2)]
+    procs = _two_nodes(tmp_path, str(tmp_path / "ckpt"))
+    text = _wait_all(procs, tmp_path, 240)
+    assert jobs.result(text) == reference
+
+
+def _two_nodes(tmp_path, ckpt_dir, extra=lambda node: [], launcher=()):
+    """launch/torchrun.sh twice on this machine: two nodes of one worker each (c10d rendezvous)."""
+    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{free_port()}", "--run-id", uuid.uuid4().hex,
+            *launcher]  # fmt: skip
+    return [_start(jobs.torchrun_cmd(ckpt_dir, *extra(i), launcher=node), tmp_path / f"node{i}.log") for i in range(2)]
+
+
+def _wait_all(procs, tmp_path, timeout, act=lambda: None):
+    """``act()``, then every node's launcher exits 0; their logs, joined."""
     try:
-        rcs = [p.wait(timeout=240) for p in procs]
+        act()
+        rcs = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             jobs.kill_tree(p)
     text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert rcs == [0, 0], text[-4000:]
-    assert jobs.result(text) == reference
+    return text
 
 
 @pytest.mark.timeout(400)
@@ -313,34 +325,14 @@ def test_torchrun_restart_on_the_same_nodes_resumes_from_node_memory(tmp_path, r
     only every 3rd save goes to ``--ckpt-dir``. A worker is SIGKILLed; torchrun restarts
     both nodes' workers and they resume from node memory, which survived, bit-exact."""
     ckpt_dir, mem = str(tmp_path / "ckpt"), tmp_path / "mem"
-    node = ["--nnodes", "2", "--nproc", "1", "--master", f"127.0.0.1:{free_port()}", "--run-id", uuid.uuid4().hex,
-            "--max-restarts", "1"]  # fmt: skip
-    procs = [
-        _start(
-            jobs.torchrun_cmd(
-                ckpt_dir,
-                "--step-sleep",
-                "0.1",
-                "--local-dir",
-                str(mem / f"node{i}"),
-                "--upload-every",
-                "3",
-                launcher=node,
-            ),
-            tmp_path / f"node{i}.log",
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    try:
+    extra = lambda i: ["--step-sleep", "0.1", "--local-dir", str(mem / f"node{i}"), "--upload-every", "3"]  # noqa: E731
+    procs = _two_nodes(tmp_path, ckpt_dir, extra, launcher=["--max-restarts", "1"])
+
+    def kill_a_worker():
         jobs.wait_for(lambda: max(jobs.committed(str(mem / "node0")), default=0) >= 20, 180, "step 20 in memory")
-        victim = jobs.wait_for(lambda: _workers_of(procs), 30, "the workers")
-        victim.kill()
-        rcs = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            jobs.kill_tree(p)
-    text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
-    assert rcs == [0, 0], text[-4000:]
+        jobs.wait_for(lambda: _workers_of(procs), 30, "the workers").kill()
+
+    text = _wait_all(procs, tmp_path, 300, kill_a_worker)
     resumed = re.findall(r"resumed from step (\d+) \((\S+) tier\)", text)
     assert len(resumed) == 1 and int(resumed[0][0]) >= 20 and resumed[0][1] == "local", text[-4000:]
     assert jobs.result(text) == reference
