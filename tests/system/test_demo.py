@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, jobs
 
 
 @pytest.mark.parametrize(
@@ -26,5 +26,5 @@ def test_demo_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "OK: the resumed run is bit-identical" in proc.stdout
     assert "killed with SIGKILL (exit -9)" in proc.stdout  # the status of the kill, not of a reaped process
-    resumed = [line for line in proc.stdout.splitlines() if "resumed from step" in line]
-    assert resumed and int(resumed[-1].split()[-1]) < 80  # it really resumed mid-run
+    resumed = jobs.RESUMED.findall(proc.stdout)
+    assert resumed and int(resumed[-1]) < 80  # it really resumed mid-run
