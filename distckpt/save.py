@@ -195,19 +195,14 @@ class Saves:
         try:
             try:
                 return self._save_to(self.tier, job)
-            except CheckpointError as e:
-                err = e
-                if self.uploader is None or not any(
-                    self.ranks.agree(lambda: _no_space(err), f"deciding where step {job.step} goes", on="bg")
-                ):
-                    raise
+            except _DidNotFit as e:
                 remote = self.tiers.primary
                 log.error(
                     "step %d does not fit in the local tier %s (%s); it is written straight to %s instead. "
                     "Free space there, or lower local_keep / the replicas it holds",
                     job.step,
                     self.tier.storage.url,
-                    e,
+                    e.__cause__,
                     remote.storage.url,
                 )
                 return self._save_to(remote, job)
@@ -234,6 +229,10 @@ class Saves:
             if self.topology.owns(tier):
                 tier.commit.abort(workdir)
             self._raise_if_fenced(e)
+            err = e
+            if tier is self.tier and self.uploader is not None:  # the remote tier can take it instead
+                if any(ranks.agree(lambda: _no_space(err), f"deciding where {what} goes", on="bg")):
+                    raise _DidNotFit(str(e)) from e
             raise
         finally:
             with self._lock:
@@ -306,8 +305,8 @@ class Saves:
     def _prepare(self, tier: Tier, job: SaveJob, workdir: str) -> None:
         if job.error is not None:
             raise job.error
-        if self.ranks.is_chief:
-            for where in self.tiers.all:
+        if self.ranks.is_chief:  # a save sent on to the remote tier may be committed on a node that had room
+            for where in self.tiers.all if tier is self.tier else [tier]:
                 if where.catalog.is_committed(job.step):
                     raise DistckptError(
                         f"step {job.step} is already committed in {where.storage.url}; save under a new step "
@@ -504,6 +503,10 @@ def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:
         s.commit_s,
         s.bytes_written,
     )
+
+
+class _DidNotFit(Exception):
+    """A save failed for lack of space on the local tier (on some node), before its commit."""
 
 
 def _no_space(err: CheckpointError) -> bool:

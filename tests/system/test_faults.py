@@ -152,3 +152,27 @@ def test_a_save_that_does_not_fit_in_node_memory_goes_straight_to_the_remote_tie
         assert torch.equal(target["big"], torch.ones(4 * 1024 * 1024)) and torch.equal(
             target["w"], torch.zeros(256, 1024)
         )
+
+
+def _partner_too_full(rank, world, mems, url):
+    holder = {"a": torch.full((1750 * 1024,), 1.0), "b": torch.full((1750 * 1024,), 2.0)}  # 7 MB each
+    with Checkpointer(url, {"state": holder}, local_dir=mems[rank], local_keep=1, upload_every=5) as ckpt:
+        try:
+            ckpt.save(1)
+            raised = None
+        except CheckpointError as e:
+            raised = str(e)
+        ckpt.wait()  # the upload that an unprotected save gets whatever upload_every says
+        remote = sorted(int(n[5:]) for n in os.listdir(url) if n.startswith("step_"))
+        return raised, remote, [c.step for c in ckpt.list()]
+
+
+def test_a_partner_too_full_for_its_replica_fails_the_save_as_unprotected_and_it_is_uploaded(small_disk, tmp_path):
+    mems = [str(tmp_path / "mem0"), os.path.join(small_disk, "mem1")]  # node 1: 12 MB, its own 7 MB + a 7 MB replica
+    url = str(tmp_path / "remote")
+    out = run_ranks(_partner_too_full, 2, mems, url)
+    for raised, remote, listed in out:
+        assert raised is not None and "replicating step 1" in raised, raised  # not protected, said so
+        assert remote == [1] and listed == [1]  # uploaded although upload_every=5: nothing lost
+    assert os.path.isdir(os.path.join(mems[1], "step_000000000001"))  # node 1 kept its own copy
+    assert not [n for n in os.listdir(os.path.join(mems[1], "replicas", "node-0")) if not n.startswith(".trash")]
