@@ -6,7 +6,8 @@ also keeps copies of the ``r`` nodes before it in a ring: node ``i``'s copy live
 ``i+1 .. i+r`` (mod the node count) under ``<local_dir>/replicas/node-<i>``, itself a tier
 with the same commit (files, then the manifest and an atomic rename): a replica is either
 whole or absent. Everything goes over the job's own process group (gloo, point to point
-between node leaders); nothing touches the remote tier.
+between node leaders, in 8 MB pieces through a few reused buffers, reading and sending
+overlapped); nothing touches the remote tier.
 
 Call order:
   1. (all ranks, save thread, after every node committed its copy) ``replicate(step)``:
@@ -19,7 +20,9 @@ Call order:
      hold; for every step that every node can assemble (its own copy, else a partner's
      replica) a node missing its copy receives it from a partner, and a partner missing its
      replica receives it too (the step is protected again) - in the background, while
-     training resumes (``settle()`` waits). The restore reads node memory meanwhile: each
+     training resumes (``refill()`` starts it after the restore read what it needed;
+     ``settle()`` waits). Only the chief node's own copy comes back before the restore.
+     Receives a kill interrupted are removed here and after every ``replicate``. The restore reads node memory meanwhile: each
      rank reads what its node holds (own copy or replica) and receives only the rest from
      other nodes. A step that cannot be assembled is dropped from node memory and left to
      the remote tier, with a log line that says which node lost both copies.
