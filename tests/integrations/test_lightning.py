@@ -10,14 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
+from distckpt.integrations.lightning import DistckptCheckpointIO, load
+from distckpt.integrations.links import read_link
 from tests.support import REPO, jobs
-
-pl = pytest.importorskip("pytorch_lightning")  # installed by tests/run.sh: this never skips in CI
-
-from distckpt.integrations.lightning import DistckptCheckpointIO, load  # noqa: E402
-from distckpt.integrations.links import read_link  # noqa: E402
 
 JOB = os.path.join(REPO, "tests", "integrations", "lightning_job.py")
 FINAL = re.compile(r"final epoch=(\d+) global_step=(\d+) params_sha256=([0-9a-f]{64})")
