@@ -52,7 +52,7 @@ from .retention import (
     KeepNewerThan,
     RetentionPolicy,
 )
-from .save import SaveHandle
+from .save_job import SaveHandle
 from .schedule import (
     SaveAny,
     SaveAt,

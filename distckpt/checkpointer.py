@@ -30,7 +30,8 @@ from .ranks import RankContext
 from .recoverables import Recoverables
 from .replicas import Replicator
 from .restore import Restorer
-from .save import SaveHandle, Saves, check_step
+from .save import Saves
+from .save_job import SaveHandle, check_step
 from .schedule import Scheduler
 from .staging import make_stager
 from .topology import Topology, open_tiers

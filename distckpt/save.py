@@ -28,11 +28,9 @@ import time
 from collections import deque
 from collections.abc import Container, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
-
-import torch
 
 from . import retention
 from .background import yield_to_training
@@ -49,51 +47,10 @@ from .ranks import Ranks
 from .recoverables import Recoverables
 from .replicas import Replicator
 from .retention import RetentionPolicy
-from .staging import HostStaged, Staged, Stager
+from .save_job import SaveHandle, SaveJob, check_meta, check_step
+from .staging import HostStaged, Stager
 from .topology import Topology
-from .upload import Uploader
-
-
-class SaveHandle:
-    """One save in flight. ``wait()`` returns its ``CheckpointInfo`` or raises its error."""
-
-    def __init__(self, step: int, future: Future) -> None:
-        self.step = step
-        self._future = future
-        self.reported = False
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def failed(self) -> bool:
-        return self._future.done() and self._future.exception() is not None
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo:
-        try:
-            return self._future.result(timeout)
-        except BaseException:
-            self.reported = True
-            raise
-
-    def __repr__(self) -> str:
-        state = "failed" if self.failed() else "done" if self.done() else "pending"
-        return f"SaveHandle(step={self.step}, {state})"
-
-
-@dataclass
-class SaveJob:
-    """What the training thread hands to the save thread."""
-
-    step: int
-    meta: dict[str, Any]
-    skeletons: dict[str, Any] = field(default_factory=dict)
-    per_rank: dict[str, Any] = field(default_factory=dict)
-    staged: Staged = field(default_factory=lambda: HostStaged({}))
-    stall_s: float = 0.0
-    stage_s: float = 0.0
-    staging_bytes: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    error: Exception | None = None  # raised on every rank at the first agreement
+from .upload import Cadence, Uploader
 
 
 @dataclass
@@ -127,10 +84,8 @@ class Saves:
         self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
         self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention", initializer=yield_to_training)
         self._janitor_job: Future | None = None
-        self._since_upload = 0  # local-tier saves not uploaded since the last upload
-        self._last_upload: float | None = None  # when a save last went to the remote tier (monotonic)
-        self._force_upload = False  # the final save before a preemption exit goes remote
-        self._not_uploaded: tuple[Manifest, str] | None = None  # the newest such save
+        # with a local tier: which saves also go to the remote tier
+        self.cadence = Cadence(self.uploader, self.ranks, self.upload_every) if self.uploader is not None else None
 
     # --- 1 + 2: on the training thread ----------------------------------------------------
 
@@ -246,44 +201,19 @@ class Saves:
                 self._janitor_job = self._janitor.submit(self._retain_remote)
             return info
         unprotected = self._protect(job.step)
-        if self.uploader is not None:  # the remote tier gets its saves even when one is unprotected
-            self._upload_or_keep(manifest, nonce, force=unprotected is not None)
+        if self.cadence is not None:  # the remote tier gets its saves even when one is unprotected
+            self.cadence.after_commit(manifest, nonce, force=unprotected is not None)
         if self.topology.owns(tier):
             self._janitor_job = self._janitor.submit(self._retain)
         if unprotected is not None:
             raise unprotected
         return info
 
-    def _upload_or_keep(self, manifest: Manifest, nonce: str, force: bool = False) -> None:
-        """(all ranks, same decision) Every ``upload_every``-th save, the final save before a
-        preemption exit, and a save no partner protects (``force``) are uploaded; the others
-        stay in node memory (``flush_remote`` uploads the newest of them at ``close``)."""
-        assert self.uploader is not None
-        self._since_upload += 1
-        if self._upload_due() or self._force_upload or force:
-            self._last_upload = time.monotonic()
-            self.uploader.submit(manifest, nonce)
-            self._since_upload, self._not_uploaded = 0, None
-        else:
-            self._not_uploaded = (manifest, nonce)
-
-    def _upload_due(self) -> bool:
-        """(all ranks, save thread) ``upload_every`` saves since the last upload, or with a
-        ``timedelta``, that long since (the chief's clock decides, for every rank)."""
-        every = self.upload_every
-        if not isinstance(every, timedelta):
-            return self._since_upload >= every
-        last = self._last_upload
-        due = last is None or time.monotonic() - last >= every.total_seconds()
-        return bool(self.ranks.agree(lambda: due, "deciding whether to upload", on="bg")[0])
-
     def flush_remote(self) -> None:
         """(all ranks, at close) The newest save that stayed in node memory goes remote too."""
         self._drain(0)
-        if self.uploader is not None and self._not_uploaded is not None:
-            manifest, nonce = self._not_uploaded
-            self._not_uploaded, self._since_upload = None, 0
-            self.uploader.submit(manifest, nonce)
+        if self.cadence is not None:
+            self.cadence.flush()
 
     def _protect(self, step: int) -> CheckpointError | None:
         """(all ranks, after every node committed its copy) the node copies onto partner
@@ -439,11 +369,13 @@ class Saves:
         if done[0]:
             return False, True
         try:
-            self._force_upload = True  # the job may come back on other nodes: memory would be gone
+            if self.cadence is not None:
+                self.cadence.force = True  # the job may come back on other nodes: memory would be gone
             try:
                 self.save(step, meta).wait()
             finally:
-                self._force_upload = False
+                if self.cadence is not None:
+                    self.cadence.force = False
             return True, False
         except Exception as e:  # noqa: BLE001
             log.error("preemption: the final save of step %d failed (%s); the job resumes from an older step", step, e)
@@ -520,30 +452,3 @@ def _no_space(err: CheckpointError) -> bool:
                 return True
             cause = cause.__cause__
     return False
-
-
-def check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        try:
-            step = int(step.__index__())
-        except (AttributeError, TypeError):
-            raise TypeError(f"step must be an int, got {type(step).__name__}") from None
-    if not 0 <= step < 10**12:
-        raise ValueError(f"step must be in [0, 1e12), got {step}")
-    return step
-
-
-def check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Meta must be JSON; 0-d tensors and numpy scalars are turned into numbers."""
-    out = {}
-    for key, value in (meta or {}).items():
-        if not isinstance(key, str):
-            raise TypeError(f"meta keys must be str, got {key!r}")
-        if isinstance(value, torch.Tensor) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
-            value = value.item()
-        try:
-            json.dumps(value, allow_nan=True)
-        except TypeError as e:
-            raise TypeError(f"meta[{key!r}] must be JSON-serialisable: {e}") from None
-        out[key] = value
-    return out

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 
 from . import retention
 from .background import yield_to_training
@@ -149,6 +151,44 @@ class Uploader:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+class Cadence:
+    """Which locally committed saves also go to the remote tier: every ``every``-th, or with a
+    ``timedelta`` the first one at least that long after the last that went (the chief's
+    clock decides, for every rank); always the final save before a preemption exit
+    (``force``) and a save no partner protects. The others stay in node memory; ``flush()``
+    sends the newest of them (at ``close``). Called in save order on every rank."""
+
+    def __init__(self, uploader: Uploader, ranks: Ranks, every: int | timedelta) -> None:
+        self.uploader, self.ranks, self.every = uploader, ranks, every
+        self.force = False  # set around the final save before a preemption exit
+        self._since = 0  # saves not uploaded since the last upload
+        self._last: float | None = None  # when a save last went (monotonic)
+        self._held: tuple[Manifest, str] | None = None  # the newest save that stayed local
+
+    def after_commit(self, manifest: Manifest, nonce: str, force: bool = False) -> None:
+        """(all ranks, save thread, same decision) Upload ``manifest``'s step, or keep it local."""
+        self._since += 1
+        if self._due() or self.force or force:
+            self._last = time.monotonic()
+            self.uploader.submit(manifest, nonce)
+            self._since, self._held = 0, None
+        else:
+            self._held = (manifest, nonce)
+
+    def _due(self) -> bool:
+        if not isinstance(self.every, timedelta):
+            return self._since >= self.every
+        due = self._last is None or time.monotonic() - self._last >= self.every.total_seconds()
+        return bool(self.ranks.agree(lambda: due, "deciding whether to upload", on="bg")[0])
+
+    def flush(self) -> None:
+        """(all ranks, no save in flight) The newest save that stayed local goes remote too."""
+        if self._held is not None:
+            manifest, nonce = self._held
+            self._held, self._since = None, 0
+            self.uploader.submit(manifest, nonce)
 
 
 def _wait_quietly(f: Future) -> None:

@@ -3,7 +3,7 @@
 DCP plans the load as always (so resharding works unchanged), and every rank knows which
 stored items it needs. Then, instead of each rank reading what it needs (in chief mode and
 DDP every rank needs everything: N ranks read the checkpoint N times), the ranks agree on
-who reads what (one ``all_gather`` of file names):
+who reads what (one ``all_gather`` of file names; ``read_schedule.schedule``):
 
 * a file that one rank needs is read by that rank alone (FSDP: every rank its own shards);
 * a file that several ranks need is read by one rank - the one with the fewest bytes to
@@ -36,7 +36,7 @@ import dataclasses
 import queue
 import threading
 from collections import defaultdict
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,10 +49,9 @@ from ..errors import CorruptCheckpointError
 from ..layout.manifest import Checksum, FileRecord
 from ..storage import Storage, read_exactly
 from .fs import StorageFS, StorageReader
+from .read_schedule import CHUNK, Chunk, schedule
 from .writer import frame
 
-CHUNK = 32 << 20  # bytes per broadcast (and per read of a shared file)
-PIECE = 8 << 20  # bytes per point-to-point send: gloo moves smaller messages faster (~2.5 vs 2 GB/s)
 _DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
 
@@ -240,7 +239,7 @@ class SharedReader(StorageReader):
             needs = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(needs, sizes, group=self.group)
             rank = dist.get_rank(self.group)
-        own, shared = _schedule(needs, self.node_local.holders if self.node_local else None)
+        own, shared = schedule(needs, self.node_local.holders if self.node_local else None)
         errors: list[BaseException] = []
         worker = threading.Thread(target=self._read_solo, args=(own[rank], files, errors), name="distckpt-read")
         worker.start()
@@ -332,7 +331,7 @@ class SharedReader(StorageReader):
     # --- files several ranks need: one reads, everyone receives ------------------------------
 
     def _stream_shared(
-        self, shared: list[_Chunk], files: dict[str, _File], rank: int, errors: list[BaseException]
+        self, shared: list[Chunk], files: dict[str, _File], rank: int, errors: list[BaseException]
     ) -> None:
         """``shared``: the global order of the chunks sent between ranks (the same on every
         rank, so the sends and receives of every pair of ranks match up)."""
@@ -372,7 +371,7 @@ class SharedReader(StorageReader):
 
     def _produce(
         self,
-        chunks: list[_Chunk],
+        chunks: list[Chunk],
         free: queue.Queue,
         ready: queue.Queue,
         errors: list[BaseException],
@@ -402,72 +401,6 @@ class SharedReader(StorageReader):
             ready.put(buf)
         for f, _ in open_files.values():
             f.close()
-
-
-class _Chunk(NamedTuple):
-    """Bytes ``[start, end)`` of file ``name``, read by rank ``src`` and sent to the ranks
-    ``to`` (None: broadcast to every rank of the group)."""
-
-    name: str
-    start: int
-    end: int
-    src: int
-    to: tuple[int, ...] | None = None
-
-
-def _schedule(
-    needs: list[dict[str, int]], holders: dict[str, set[int]] | None = None
-) -> tuple[list[list[str]], list[_Chunk]]:
-    """(the same on every rank) Who reads what: per rank, the files it reads for itself, and
-    the global order of the chunks sent between ranks.
-
-    Shared storage (``holders`` None): a file one rank needs is read by that rank; a file
-    several ranks need is read by one of them (the least loaded so far, biggest files first)
-    and broadcast. Node-local (``holders``: the ranks whose node holds each file): every rank
-    that needs a file its node holds reads it; the others receive it from one holder."""
-    ranks_of: dict[str, list[int]] = defaultdict(list)
-    sizes: dict[str, int] = {}
-    for rank, files in enumerate(needs):
-        for name, size in files.items():
-            ranks_of[name].append(rank)
-            sizes[name] = size
-    load, sending = [0] * len(needs), [0] * len(needs)
-    own: list[list[str]] = [[] for _ in needs]
-    sent: dict[str, tuple[int, tuple[int, ...] | None]] = {}  # file -> (sender, receivers)
-    biggest_first = sorted(sizes, key=lambda n: (-sizes[n], n))  # the stripes even out
-    for name in biggest_first:
-        needers = ranks_of[name]
-        if holders is not None and holders.get(name):
-            held = holders[name]
-            readers = [r for r in needers if r in held]
-            rest = tuple(r for r in needers if r not in held)
-            for r in readers:
-                own[r].append(name)
-                load[r] += sizes[name]
-            if rest:  # a reader sends what it reads anyway (the one that sent least); else a holder
-                src = min(readers or sorted(held), key=lambda r: (sending[r], load[r], r))
-                sending[src] += sizes[name]
-                if src not in readers:
-                    load[src] += sizes[name]
-                else:
-                    own[src].remove(name)  # streamed: read once, for itself and for the others
-                sent[name] = (src, rest)
-        elif len(needers) == 1:
-            own[needers[0]].append(name)
-            load[needers[0]] += sizes[name]
-    for name in biggest_first:
-        if name not in sent and not any(name in own[r] for r in ranks_of[name]):
-            src = min(range(len(needs)), key=lambda r: (load[r], r))
-            load[src] += sizes[name]
-            sent[name] = (src, None)
-    step = {name: CHUNK if to is None else PIECE for name, (_, to) in sent.items()}
-    chunks = [
-        (k, name, _Chunk(name, start, min(start + step[name], sizes[name]), src, to))
-        for name, (src, to) in sent.items()
-        for k, start in enumerate(range(0, max(sizes[name], 1), step[name]))
-    ]
-    chunks.sort(key=lambda c: (c[0], c[1]))  # round-robin over files: the readers read at once
-    return own, [c for _, _, c in chunks]
 
 
 def _explain(name: str, e: BaseException) -> CorruptCheckpointError:

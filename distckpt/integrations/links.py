@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import DistckptError
 from ..layout.catalog import CheckpointInfo
 from ..log import log
-from ..save import SaveHandle
+from ..save_job import SaveHandle
 from ..storage import Storage, is_local_url, open_storage
 
 FORMAT = "distckpt-link"
