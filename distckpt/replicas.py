@@ -115,7 +115,7 @@ class Replicator:
         """(all ranks, save thread; only leaders move bytes) ``step`` onto the partners."""
         me = self.topology.node
         plan = [Transfer(step, n, n, p) for n in range(self.topology.nodes) for p in self.partners(n)]
-        self._run(plan, group, lambda t: self.local if t.owner == me else self.store(t.owner))
+        self._run(plan, group)
         if self.topology.leader:
             self.prune(self.keep)
             own, held = self.memory()
@@ -154,8 +154,9 @@ class Replicator:
         node's own copies (the chief chooses the step from them); a wiped node's ranks read
         what they need from the nodes that hold it. The rest is moved on a background thread
         (newest step first; ``refill()`` starts it once the restore has read what it needs)
-        while training resumes; ``settle()`` waits for it, and the next save does. ``now``: move everything before returning (a restore that asks for a step
-        other than the newest). Returns ``{step: [nodes whose own copy was lost]}``."""
+        while training resumes; ``settle()`` waits for it, and the next save does. ``now``:
+        move everything before returning (a restore that asks for a step other than the
+        newest). Returns ``{step: [nodes whose own copy was lost]}``."""
         self.settle()
 
         def held_here() -> dict[str, Any] | None:
@@ -182,9 +183,7 @@ class Replicator:
         first = [t for t in plan if now or (t.dst == chief and t.owner == chief)]
         later = sorted((t for t in plan if t not in first), key=lambda t: -t.step)  # the same order everywhere
         if first:
-            self.ranks.agree(
-                lambda: self._run(first, group, self._source_for_repair), "fetching node copies from partners"
-            )
+            self.ranks.agree(lambda: self._run(first, group), "fetching node copies from partners")
         self._later = (later, group)
         repaired: dict[int, list[int]] = {}
         for t in plan:
@@ -207,7 +206,7 @@ class Replicator:
         """(node leaders, a thread) The copies and replicas the restore did not need first."""
         t0 = time.perf_counter()
         try:
-            self._run(plan, group, self._source_for_repair)
+            self._run(plan, group)
         except Exception as e:  # noqa: BLE001 - the steps stay restorable; the next save protects anew
             log.warning("node %d: refilling node memory from partners failed (%s); the next save is "
                         "replicated as usual", self.topology.node, e)  # fmt: skip
@@ -225,8 +224,7 @@ class Replicator:
 
     def _drop(self, lost: dict[int, list[int]]) -> None:
         """(node leaders) Remove this node's copies and replicas of steps no node can assemble."""
-        stores = [self.local] + [self.store(o) for o in range(self.topology.nodes) if self._holds_for(o)]
-        for tier in stores:
+        for tier in [self.local, *self.held_stores()]:
             gone = [s for s in lost if tier.catalog.is_committed(s)]
             if gone:
                 tier.catalog.delete(gone)
@@ -243,12 +241,13 @@ class Replicator:
                 replicas[str(owner)] = self.store(owner).catalog.committed_steps()
         return {"node": node, "own": self.local.catalog.committed_steps(), "replicas": replicas}
 
-    def _source_for_repair(self, t: Transfer) -> Tier:
-        return self.local if t.src == t.owner else self.store(t.owner)
+    def _copy_of(self, owner: int) -> Tier:
+        """(this node) the tier holding ``owner``'s copies here: its own, or its replicas."""
+        return self.local if owner == self.topology.node else self.store(owner)
 
     # --- moving a node's copy between leaders -------------------------------------------
 
-    def _run(self, plan: list[Transfer], group: Any, source: Any) -> None:
+    def _run(self, plan: list[Transfer], group: Any) -> None:
         """Every leader works through the same ``plan``: it sends what it holds (on a thread,
         in plan order) while it receives what it is owed (here, in plan order), so a ring of
         nodes moves all its copies at once; between two leaders the messages keep the plan's
@@ -263,7 +262,7 @@ class Replicator:
         def send_all() -> None:
             for t in sends:
                 try:
-                    send_copy(source(t), t.step, leaders[t.dst], group)
+                    send_copy(self._copy_of(t.owner), t.step, leaders[t.dst], group)
                 except BaseException as e:  # noqa: BLE001 - raised below, after the receives
                     errors.append(e)
 
@@ -272,7 +271,7 @@ class Replicator:
         try:
             for t in recvs:  # every transfer is received, even after a failed one: no sender waits forever
                 try:
-                    receive_copy(self.local if t.owner == me else self.store(t.owner), t.step, leaders[t.src], group)
+                    receive_copy(self._copy_of(t.owner), t.step, leaders[t.src], group)
                 except OSError as e:
                     errors.append(e)
         finally:
@@ -288,8 +287,8 @@ def plan_repairs(
 ) -> tuple[list[Transfer], dict[int, list[int]]]:
     """From every leader's holdings: the transfers that restore each node's copy of every
     step that can be assembled (with ``partners``: and each partner's replica of it), and
-    ``{step: [nodes]}`` for steps some node lost entirely. Pure and deterministic: every rank computes the same plan. Every
-    transfer's source held the copy before the repair."""
+    ``{step: [nodes]}`` for steps some node lost entirely. Pure and deterministic: every
+    rank computes the same plan. Every transfer's source held the copy before the repair."""
     own = {n: set(views.get(n, {}).get("own", [])) for n in range(nodes)}
     replica_of: dict[int, dict[int, set[int]]] = {n: {} for n in range(nodes)}  # owner -> holder -> steps
     for holder, view in views.items():

@@ -61,7 +61,7 @@ class Restorer:
     ) -> None:
         self.ranks, self.topology, self.tiers, self.engine = ranks, topology, tiers, engine
         self.replicator = replicator  # replicas are read where they are in any case
-        self.repairs = repair and replicator is not None  # read_only: node memory is never written
+        self.repairer = replicator if repair else None  # read_only: node memory is never written
         self.repaired: dict[int, list[int]] = {}  #: step -> nodes whose copy came from a partner
         self.node_local: NodeLocal | None = None  #: node-local tier: who holds each file of the step, where
         self.url = tiers.primary.storage.url
@@ -91,17 +91,17 @@ class Restorer:
         try:
             return self._restore(adapters, verify, strict, selection)
         finally:
-            if self.repairs and self.replicator is not None:
-                self.replicator.refill()  # node memory is refilled from partners while training resumes
+            if self.repairer is not None:
+                self.repairer.refill()  # node memory is refilled from partners while training resumes
 
     def _restore(
         self, adapters: dict[str, Adapter], verify: bool, strict: bool, selection: dict[str, Any]
     ) -> CheckpointInfo | None:
         ranks, step = self.ranks, selection["step"]
-        if self.repairs and self.replicator is not None and self.topology.nodes > 1:  # node memory first
+        if self.repairer is not None and self.topology.nodes > 1:  # node memory first
             newest = all(v is None for v in selection.values())  # else every step first: any may be asked for
-            group = ranks.group("rep") if self.replicator.active else None
-            self.repaired = self.replicator.repair(group, now=not newest)
+            group = ranks.group("rep") if self.repairer.active else None
+            self.repaired = self.repairer.repair(group, now=not newest)
         candidates = ranks.agree(
             lambda: self._candidates(selection) if ranks.is_chief else None,
             "choosing a checkpoint to restore",
@@ -141,17 +141,15 @@ class Restorer:
     def _check(self, tier: Tier, step: int, verify: bool) -> tuple[Manifest, dict[str, Any]]:
         found: dict[str, Any] = {}
 
-        def read() -> None:
-            found["manifest"] = man = tier.catalog.read_manifest(step)
-            found["state"] = tier.catalog.read_state(step, man)
+        def read() -> dict[str, Any]:
+            man = tier.catalog.read_manifest(step)
+            return {"manifest": man, "state": tier.catalog.read_state(step, man)}
 
         if tier.shared or self.topology.nodes < 2:
-            self.ranks.agree(read, f"reading the manifest of step {step}")
+            self.ranks.agree(lambda: found.update(read()), f"reading the manifest of step {step}")  # each its own
         else:  # node-local: a replaced node's memory is empty until refilled; the chief's holds the step
-            docs = self.ranks.agree(
-                lambda: (read(), found)[1] if self.ranks.is_chief else None, f"reading the manifest of step {step}"
-            )[0]
-            found.update(docs)
+            found.update(self.ranks.agree(lambda: read() if self.ranks.is_chief else None,
+                                          f"reading the manifest of step {step}")[0])  # fmt: skip
         man = found["manifest"]
         self.node_local = local = self._node_local(tier, man, step)
 

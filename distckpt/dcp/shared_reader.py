@@ -251,9 +251,8 @@ class SharedReader(StorageReader):
         return errors
 
     def _where(self, name: str) -> str:
-        if self.node_local is not None and name in self.node_local.paths:
-            return self.node_local.paths[name]
-        return self.storage_.join(str(self.path), name)
+        path = self.storage_.join(str(self.path), name)
+        return self.fs.moved.get(path, path)  # node-local: in a replica
 
     def _size(self, name: str) -> int:
         rec = (self.files or {}).get(name)
