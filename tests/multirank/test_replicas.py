@@ -222,10 +222,10 @@ def _save_on_an_interval(rank, world, root, mem):
     t = torch.zeros(1000)
     went = []
     with Checkpointer(root, {"t": t}, local_dir=os.path.join(mem, f"node{rank}"),
-                      upload_every=timedelta(seconds=3)) as ckpt:  # fmt: skip
+                      upload_every=timedelta(seconds=6)) as ckpt:  # fmt: skip
         for step in range(1, 5):
             if step == 3:
-                time.sleep(3.2)  # the interval has passed: step 3 goes remote
+                time.sleep(6.2)  # the interval has passed: step 3 goes remote
             t.fill_(step)
             ckpt.save(step)
             ckpt.wait()
@@ -236,7 +236,7 @@ def _save_on_an_interval(rank, world, root, mem):
 def test_saves_go_remote_on_a_time_interval(tmp_path):
     root, mem = str(tmp_path / "remote"), str(tmp_path / "mem")
     went = run_ranks(_save_on_an_interval, 2, root, mem)
-    assert went[0] == [[1], [1], [1, 3], [1, 3]]  # the first save, then one once 3 s have passed
+    assert went[0] == [[1], [1], [1, 3], [1, 3]]  # the first save, then one once 6 s have passed
     assert sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_")) == [1, 3, 4]  # + close()
     with pytest.raises(ValueError, match="positive timedelta"):
         Checkpointer(root, {"t": torch.zeros(1)}, local_dir=str(tmp_path / "m"), upload_every=timedelta(0))
