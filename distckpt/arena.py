@@ -9,7 +9,11 @@ over their staged copy (``rewrap``).
 
 from __future__ import annotations
 
+import itertools
+import mmap
+import os
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -24,6 +28,10 @@ except ImportError:  # pragma: no cover
 ALIGN = 64  # bytes; keeps every slice aligned for vectorised copies and O_DIRECT-friendly
 _PAGE = 4096
 FAULT_CHUNK = 16 << 20  # a background reserve checks every 16 MB whether a save wants its arena
+_ids = itertools.count()
+_shared: weakref.WeakValueDictionary[int, Arena] = (
+    weakref.WeakValueDictionary()
+)  # open host arenas in shared memory (``dcp.write_process`` maps them)
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -68,12 +76,11 @@ class Arena:
     def __init__(self, nbytes: int, device: str = "cpu", pin: bool = False, fault: bool = True) -> None:
         self.nbytes, self.device, self.pinned = max(int(nbytes), ALIGN), device, False
         self.faulted = 0  #: bytes from the start whose pages are in memory
+        self.id, self.fd = next(_ids), -1
         if device == "cpu":
             # page-aligned and a whole number of pages, as cudaHostRegister wants
-            size = -(-self.nbytes // _PAGE) * _PAGE
-            raw = torch.empty(size + _PAGE, dtype=torch.uint8)  # virtual memory only: instant
-            start = -raw.data_ptr() % _PAGE
-            self.buf = raw[start : start + size]
+            self.size = -(-self.nbytes // _PAGE) * _PAGE
+            self.buf = self._host_memory(self.size)  # virtual memory only: instant
             self._np = self.buf.numpy()
             if fault:
                 self.fault_in()
@@ -83,6 +90,24 @@ class Arena:
             self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
             self.faulted = self.nbytes
             self._np = None
+
+    def _host_memory(self, size: int) -> torch.Tensor:
+        """Shared memory (a ``memfd``) that the writer process can map, else private memory."""
+        try:
+            self.fd = os.memfd_create(f"distckpt-staging-{self.id}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size)  # MAP_SHARED: what the writer process maps
+        except (AttributeError, OSError) as e:  # not Linux, or no memfd: the save thread writes
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = -1
+            log.debug("staging in private memory (%s): saves are written by threads", e)
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _PAGE
+            return raw[start : start + size]
+        _shared[self.id] = self
+        self._release = weakref.finalize(self, _unshare, self.id, self.fd)
+        return torch.frombuffer(self._map, dtype=torch.uint8)
 
     def fault_in(self, stop: Callable[[], bool] | None = None) -> bool:
         """Bring every page into memory now (one write per page, ``FAULT_CHUNK`` bytes at a
@@ -118,10 +143,33 @@ class Arena:
             raw = torch.frombuffer(self._np[offset : offset + n], dtype=torch.uint8)
         return raw.view(like.dtype).view(like.shape)
 
+    def locate(self, t: torch.Tensor) -> int | None:
+        """The offset in this arena of ``t``'s bytes (contiguous, on the host), or None."""
+        start = t.data_ptr() - self.buf.data_ptr()
+        if t.device.type != "cpu" or not t.is_contiguous() or not 0 <= start <= self.size - t.nbytes:
+            return None
+        return start
+
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
             self.pinned = False
+        if self.fd >= 0:
+            self._release()  # the mapping (and the tensors over it) stay valid until dropped
+            self.fd = -1
+
+
+def _unshare(arena_id: int, fd: int) -> None:
+    """(close, or the arena's garbage collection) The writer process unmaps it; fd closed."""
+    from .dcp.write_process import WRITER
+
+    WRITER.forget(arena_id)
+    os.close(fd)
+
+
+def shared_arenas() -> dict[int, Arena]:
+    """The host arenas a writer process can map, by id."""
+    return dict(_shared)
 
 
 def _register(buf: torch.Tensor) -> bool:

@@ -14,7 +14,6 @@ order, checksummed on the way, big items straight into place), ``errors`` (DCP's
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Any
@@ -34,7 +33,7 @@ from .fs import FileRecorder, StorageFS, StorageReader
 from .plan_cache import Plan, PlanCache, signature
 from .safe import SafeLoadPlanner, load_dcp_metadata
 from .shared_reader import NodeLocal, ReadCounter, SharedReader
-from .writer import FastWriter, run_parallel, write_file, writer_threads
+from .writer import FastWriter, write_files
 
 __all__ = [
     "DCP_METADATA",
@@ -87,12 +86,7 @@ def _write_planned(
 ) -> tuple[list[FileRecord], dict[str, Any]]:
     """This rank's files of a save planned like the last one, written without DCP."""
     fs = StorageFS(storage, FileRecorder())
-    nbytes = sum(local_part(tensors[f]).nbytes for _, fqns in plan.files for f in fqns)
-    calls = [
-        functools.partial(write_file, fs, workdir, name, [local_part(tensors[f]) for f in fqns])
-        for name, fqns in plan.files
-    ]
-    run_parallel(calls, writer_threads(nbytes, len(plan.files)))
+    write_files(fs, workdir, [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files])
     if rank == 0 and plan.metadata is not None:
         with fs.create_stream(fs.concat_path(workdir, DCP_METADATA), "wb") as f:
             f.write(plan.metadata)

@@ -32,8 +32,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..storage import Storage
+from ..arena import Arena, local_part, shared_arenas
+from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
+from .write_process import WRITER, WriterProcessError
 
 _SUFFIX = ".distcp"
 _SMALL = 64 << 10  # items up to this size are joined with their frame into one write
@@ -132,23 +134,84 @@ class FastWriter(StorageWriter):
         buckets = [b for b in _buckets(plan.items, self.thread_count) if b]
         jobs = [(f"{prefix}{i}{_SUFFIX}", bucket) for i, bucket in enumerate(buckets)]
         self.layout = [(name, [item.index.fqn for item in items]) for name, items in jobs]
-        nbytes = sum(_size(item) for item in plan.items)
-        calls = [functools.partial(self._write_file, name, items, planner) for name, items in jobs]
-        results = [r for rs in run_parallel(calls, writer_threads(nbytes, len(jobs))) for r in rs]
+        if any(item.type == WriteItemType.BYTE_IO for item in plan.items):
+            raise ValueError("distckpt hands DCP tensors only; a non-tensor value reached the writer")
+        files = [(name, [planner.resolve_data(item) for item in items]) for name, items in jobs]
+        results = []
+        for (name, items), lengths in zip(jobs, write_files(self.fs, self.path, files), strict=True):
+            offset = 0
+            for item, length in zip(items, lengths, strict=True):
+                info = _StorageInfo(name, offset, length)
+                results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
+                offset += length
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
-    def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
-        if any(item.type == WriteItemType.BYTE_IO for item in items):
-            raise ValueError("distckpt hands DCP tensors only; a non-tensor value reached the writer")
-        lengths = write_file(self.fs, self.path, name, (planner.resolve_data(item) for item in items))
-        results, offset = [], 0
-        for item, length in zip(items, lengths, strict=True):
-            info = _StorageInfo(name, offset, length)
-            results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
-            offset += length
-        return results
+
+def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> list[list[int]]:
+    """Write each ``(name, tensors)`` framed into ``directory/name`` through ``fs`` (a
+    ``StorageFS``: durable, checksummed); returns each file's item lengths. Tensors staged in
+    shared host arenas going to local disk are written by the writer process
+    (``write_process``), any others by threads of this process."""
+    nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
+    threads = writer_threads(nbytes, len(files))
+    if isinstance(fs.storage, PosixStorage) and fs.recorder is not None:
+        program = _program(fs, directory, files)
+        if program is not None:
+            return _write_by_process(fs, program, threads)
+    calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
+    return run_parallel(calls, threads)
+
+
+def _program(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> Any:
+    """``(paths' segments, each file's item lengths, arenas used)`` when every tensor lies in
+    a shared arena, else None."""
+    arenas = shared_arenas()
+    used: dict[int, Arena] = {}
+    out, lengths = [], []
+    for name, tensors in files:
+        segments: list[Any] = []
+        sizes = []
+        for t in tensors:
+            t = local_part(t).detach()
+            head, tail = frame(t.dtype, tuple(t.shape))
+            if t.nbytes == 0:  # staged as a plain empty tensor: nothing to point at
+                segments += [head, tail]
+                sizes.append(len(head) + len(tail))
+                continue
+            where = _find(t, arenas.values())
+            if where is None:
+                return None
+            arena, offset = where
+            used[arena.id] = arena
+            segments += [head, (arena.id, offset, t.nbytes), tail]
+            sizes.append(len(head) + t.nbytes + len(tail))
+        out.append((fs.concat_path(directory, name), segments))
+        lengths.append(sizes)
+    return out, lengths, used
+
+
+def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
+    for arena in arenas:
+        offset = arena.locate(t)
+        if offset is not None:
+            return arena, offset
+    return None
+
+
+def _write_by_process(fs: Any, program: Any, threads: int) -> list[list[int]]:
+    files, lengths, arenas = program
+    try:
+        written = WRITER.write(files, threads, arenas)
+    except OSError as e:
+        fs.recorder.os_errors.append(e)
+        raise
+    for (path, _), sizes, (size, digest) in zip(files, lengths, written, strict=True):
+        if size != sum(sizes):
+            raise WriterProcessError(f"the writer process wrote {size} bytes into {path}, expected {sum(sizes)}")
+        fs.recorder.put(path, size, digest)
+    return lengths
 
 
 def write_file(fs: Any, directory: str, name: str, tensors: Iterable[torch.Tensor]) -> list[int]:
