@@ -27,7 +27,14 @@ from typing import Any
 
 from .child import run_child
 
-METHODS = ("torch.save", "dcp.save", "dcp.async_save", "dcp.async_save[process]", "distckpt async")
+METHODS = (
+    "torch.save",
+    "dcp.save",
+    "dcp.async_save",
+    "dcp.async_save[process]",
+    "distckpt async",
+    "distckpt async[threads]",
+)
 
 
 def _model(size_bytes: int) -> tuple[Any, Any, Any]:
@@ -117,6 +124,7 @@ def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _
         "dcp.async_save": dcp_async,
         "dcp.async_save[process]": lambda i: dcp_async(i, process=True),
         "distckpt async": ours,
+        "distckpt async[threads]": ours,  # written by threads of this process (see child())
     }
 
 
@@ -140,6 +148,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.child.endswith("[threads]"):  # the writer threads of before the writer process
+        os.environ["DISTCKPT_WRITE_PROCESS"] = "0"
     model, optim, x = _model(int(args.size_gb * 1e9))
     for _ in range(3):
         _step(model, optim, x)

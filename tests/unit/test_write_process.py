@@ -139,3 +139,16 @@ def test_a_closed_checkpointers_staging_memory_is_unmapped_by_the_writer_process
     while mapped() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert mapped() == []
+
+
+def test_distckpt_write_process_0_keeps_writes_in_the_training_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTCKPT_WRITE_PROCESS", "0")
+    WRITER.close()
+    state = _state()
+    ckpt = distckpt.Checkpointer(str(tmp_path), {"s": state}, async_save=True)
+    ckpt.save(1).wait()
+    assert WRITER.pid is None
+    back = {"s": {k: torch.zeros_like(v) for k, v in state.items()}}
+    assert distckpt.Checkpointer(str(tmp_path), back, read_only=True).restore(verify=True).step == 1
+    assert all(torch.equal(back["s"][k], v) for k, v in state.items())
+    ckpt.close()
