@@ -34,6 +34,7 @@ METHODS = (
     "dcp.async_save[process]",
     "distckpt async",
     "distckpt async[threads]",
+    "distckpt async[buffered]",
 )
 
 
@@ -125,6 +126,7 @@ def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _
         "dcp.async_save[process]": lambda i: dcp_async(i, process=True),
         "distckpt async": ours,
         "distckpt async[threads]": ours,  # written by threads of this process (see child())
+        "distckpt async[buffered]": ours,  # the writer process, through the page cache (see child())
     }
 
 
@@ -150,6 +152,8 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.child.endswith("[threads]"):  # the writer threads of before the writer process
         os.environ["DISTCKPT_WRITE_PROCESS"] = "0"
+    if args.child.endswith("[buffered]"):  # the writer process without O_DIRECT
+        os.environ["DISTCKPT_DIRECT_IO"] = "0"
     model, optim, x = _model(int(args.size_gb * 1e9))
     for _ in range(3):
         _step(model, optim, x)

@@ -65,7 +65,7 @@ def write_items(
     With a ``cache``, a save planned like the previous one skips DCP's planning."""
     key = signature(tensors) if cache is not None else ""
     if cache is not None and cache.usable(key, group):
-        return _write_planned(cache.plan, tensors, storage, workdir, rank)  # type: ignore[arg-type]
+        return _write_planned(cache, tensors, storage, workdir, rank)
     writer = FastWriter(storage, workdir, threads)
     try:
         with unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
@@ -77,16 +77,24 @@ def write_items(
     table = tensor_table(md) if rank == 0 else {}
     if cache is not None:
         metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA)) if rank == 0 else None
-        cache.plan = Plan(key, writer.layout, metadata, table)
+        cache.plan = Plan(key, writer.layout, metadata, table, writer.placed)
     return writer.recorder.records(rank, _read_back(storage, workdir)), table
 
 
 def _write_planned(
-    plan: Plan, tensors: dict[str, torch.Tensor], storage: Storage, workdir: str, rank: int
+    cache: PlanCache, tensors: dict[str, torch.Tensor], storage: Storage, workdir: str, rank: int
 ) -> tuple[list[FileRecord], dict[str, Any]]:
     """This rank's files of a save planned like the last one, written without DCP."""
+    plan = cache.plan
+    assert plan is not None
     fs = StorageFS(storage, FileRecorder())
-    write_files(fs, workdir, [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files])
+    placed = write_files(fs, workdir, [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files])
+    if placed != plan.placed:  # the signature covers what places items; this is the safety net
+        cache.plan = None
+        raise CheckpointError(
+            f"the items of {workdir} landed at other offsets than the plan's metadata records; "
+            "this save is not committed, and the next save plans again"
+        )
     if rank == 0 and plan.metadata is not None:
         with fs.create_stream(fs.concat_path(workdir, DCP_METADATA), "wb") as f:
             f.write(plan.metadata)

@@ -37,6 +37,7 @@ if __name__ == "__main__":  # the child: keep the package's own modules off its 
     sys.path.pop(0)
 
 import array
+import errno
 import json
 import mmap
 import os
@@ -54,8 +55,15 @@ _IOV = 512  # segments per writev
 _PIECE = 4 << 20  # big segments are checksummed and written in pieces of this size (cache-warm)
 NICE = 10  # as background.NICE (not imported: the child imports nothing of the package)
 
-#: one segment of a file: (arena id, offset, length), arena id -1 = the request's blob
+_BLOCK = 4096  # O_DIRECT: offsets, lengths and addresses in multiples of this
+_BOUNCE = 8 << 20
+_INLINE, _GAP = -1, -2  # segment sources besides an arena id: the request's blob, zeros
+ALIGN_MIN = 1 << 20  # items at least this big start their data at an arena-congruent offset
+
+#: one segment of a file: (arena id, offset, length); arena id _INLINE: a stretch of the
+#: request's blob, _GAP: ``length`` zero bytes (padding between items)
 Segment = tuple[int, int, int]
+_Part = tuple[memoryview, "int | None"]  # bytes to write; for arena bytes, their address mod _BLOCK
 
 
 class WriterProcessError(RuntimeError):
@@ -232,11 +240,12 @@ def _program(files: list[tuple[str, list[Segment | bytes]]], threads: int) -> tu
                     at = seen[seg] = pos
                     inline.append(seg)
                     pos += len(seg)
-                segs.extend((-1, at, len(seg)))
+                segs.extend((_INLINE, at, len(seg)))
             else:
                 segs.extend(seg)
     packed = segs.tobytes()
-    header = {"op": "write", "files": header_files, "threads": threads, "seg_bytes": len(packed)}
+    direct = os.environ.get("DISTCKPT_DIRECT_IO", "1") != "0"
+    header = {"op": "write", "files": header_files, "threads": threads, "seg_bytes": len(packed), "direct": direct}
     return header, packed + b"".join(inline)
 
 
@@ -302,12 +311,10 @@ def _write_request(header: dict[str, Any], blob: bytearray, maps: dict[int, mmap
             path, first, count = files[i]
             try:
                 parts = [
-                    inline[segs[j + 1] : segs[j + 1] + segs[j + 2]]
-                    if segs[j] < 0
-                    else views[segs[j]][segs[j + 1] : segs[j + 1] + segs[j + 2]]
+                    _part(segs[j], segs[j + 1], segs[j + 2], inline, views)
                     for j in range(3 * first, 3 * (first + count), 3)
                 ]
-                results[i] = _write_file(path, parts)
+                results[i] = (header.get("direct") and _write_direct(path, parts)) or _write_file(path, parts)
             except OSError as e:
                 errors.append({"errno": e.errno, "strerror": e.strerror or str(e), "path": path})
             except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -322,14 +329,79 @@ def _write_request(header: dict[str, Any], blob: bytearray, maps: dict[int, mmap
     return {"error": errors[0]} if errors else {"files": results}
 
 
-def _write_file(path: str, parts: list[memoryview]) -> tuple[int, str]:
+def _part(src: int, offset: int, length: int, inline: memoryview, views: dict[int, memoryview]) -> _Part:
+    if src == _INLINE:
+        return inline[offset : offset + length], None
+    if src == _GAP:
+        return memoryview(bytes(length)), None
+    return views[src][offset : offset + length], offset % _BLOCK
+
+
+def _write_direct(path: str, parts: list[_Part]) -> tuple[int, str] | None:
+    """Write ``parts`` with ``O_DIRECT``: the disk reads an arena's bytes where they are (no
+    copy into the page cache, no writeback later); the frames and any stretch that is not
+    block-aligned go through a small aligned bounce buffer. None where the file system does
+    not take ``O_DIRECT`` (the caller writes through the page cache then)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o666)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    bounce = mmap.mmap(-1, _BOUNCE + _BLOCK)  # page-aligned; a congruent part may add < _BLOCK
+    bv = memoryview(bounce)
+    h, pos, held = xxhash.xxh3_64(), 0, 0  # held: bytes in the bounce buffer, file bytes [pos - held, pos)
+    try:
+        for view, mod in parts:
+            h.update(view)
+            at, n = 0, len(view)
+            if mod is not None and n >= 2 * _BLOCK and (mod - pos) % _BLOCK == 0:
+                at = (-pos) % _BLOCK  # up to the next block boundary through the bounce buffer
+                bv[held : held + at] = view[:at]
+                pos, held = pos + at, held + at
+                if held:
+                    _write_all(fd, bv[:held])
+                    held = 0
+                whole = (n - at) // _BLOCK * _BLOCK  # then straight from the arena
+                _write_all(fd, view[at : at + whole])
+                pos, at = pos + whole, at + whole
+            while at < n:
+                k = min(n - at, _BOUNCE - held)
+                bv[held : held + k] = view[at : at + k]
+                pos, held, at = pos + k, held + k, at + k
+                if held >= _BOUNCE:
+                    _write_all(fd, bv[:held])
+                    held = 0
+        if held:
+            pad = -held % _BLOCK
+            bv[held : held + pad] = bytes(pad)
+            _write_all(fd, bv[: held + pad])
+        os.ftruncate(fd, pos)  # the last block was padded
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # an alignment this file system does not take
+            return None
+        raise
+    finally:
+        os.close(fd)
+        bv.release()
+        bounce.close()
+    return pos, h.hexdigest()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_file(path: str, parts: list[_Part]) -> tuple[int, str]:
     """Write ``parts`` back to back into ``path``, checksummed on the way; fsync; size, digest."""
     h = xxhash.xxh3_64()
     size = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         iov: list[memoryview] = []
-        for part in parts:
+        for part, _ in parts:
             for at in range(0, len(part), _PIECE) if len(part) > _PIECE else (0,):
                 piece = part[at : at + _PIECE]
                 h.update(piece)

@@ -36,7 +36,7 @@ from torch.futures import Future
 from ..arena import Arena, local_part, shared_arenas
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
-from .write_process import WRITER, WriterProcessError
+from .write_process import _BLOCK, _GAP, ALIGN_MIN, WRITER, WriterProcessError
 
 _SUFFIX = ".distcp"
 _SMALL = 64 << 10  # items up to this size are joined with their frame into one write
@@ -129,6 +129,7 @@ class FastWriter(StorageWriter):
         super().__init__(storage, path, thread_count)
         self.thread_count = max(1, thread_count)
         self.layout: list[tuple[str, list[str]]] = []
+        self.placed: list[list[tuple[int, int]]] = []  # each file's items as (offset, length)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix
@@ -138,23 +139,26 @@ class FastWriter(StorageWriter):
         if any(item.type == WriteItemType.BYTE_IO for item in plan.items):
             raise ValueError("distckpt hands DCP tensors only; a non-tensor value reached the writer")
         files = [(name, [planner.resolve_data(item) for item in items]) for name, items in jobs]
+        placed = write_files(self.fs, self.path, files)
+        self.placed = placed
         results = []
-        for (name, items), lengths in zip(jobs, write_files(self.fs, self.path, files), strict=True):
-            offset = 0
-            for item, length in zip(items, lengths, strict=True):
+        for (name, items), spans in zip(jobs, placed, strict=True):
+            for item, (offset, length) in zip(items, spans, strict=True):
                 info = _StorageInfo(name, offset, length)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
-                offset += length
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
 
-def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> list[list[int]]:
+def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> list[list[tuple[int, int]]]:
     """Write each ``(name, tensors)`` framed into ``directory/name`` through ``fs`` (a
-    ``StorageFS``: durable, checksummed); returns each file's item lengths. Tensors staged in
-    shared host arenas going to local disk are written by the writer process
-    (``write_process``), any others by threads of this process."""
+    ``StorageFS``: durable, checksummed); returns each file's items as ``(offset, length)``.
+    Tensors staged in shared host arenas going to local disk are written by the writer
+    process (``write_process``), each big item's data placed at a file offset congruent to its
+    arena offset (a gap of < 4 KB before it; DCP reads items by offset, never the gaps), so
+    the disk can read it in place (``O_DIRECT``); any others by threads of this process, back
+    to back."""
     nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
     threads = writer_threads(nbytes, len(files))
     if isinstance(fs.storage, PosixStorage) and fs.recorder is not None and _by_process():
@@ -162,7 +166,15 @@ def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tenso
         if program is not None:
             return _write_by_process(fs, program, threads)
     calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
-    return run_parallel(calls, threads)
+    return [_back_to_back(lengths) for lengths in run_parallel(calls, threads)]
+
+
+def _back_to_back(lengths: list[int]) -> list[tuple[int, int]]:
+    spans, offset = [], 0
+    for length in lengths:
+        spans.append((offset, length))
+        offset += length
+    return spans
 
 
 def _by_process() -> bool:
@@ -172,31 +184,42 @@ def _by_process() -> bool:
 
 
 def _program(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> Any:
-    """``(paths' segments, each file's item lengths, arenas used)`` when every tensor lies in
-    a shared arena, else None."""
+    """``(paths' segments, each file's items as (offset, length), arenas used)`` when every
+    tensor lies in a shared arena, else None."""
     arenas = shared_arenas()
     used: dict[int, Arena] = {}
-    out, lengths = [], []
+    out, placed = [], []
     for name, tensors in files:
         segments: list[Any] = []
-        sizes = []
+        spans, pos = [], 0
         for t in tensors:
             t = local_part(t).detach()
             head, tail = frame(t.dtype, tuple(t.shape))
             if t.nbytes == 0:  # staged as a plain empty tensor: nothing to point at
                 segments += [head, tail]
-                sizes.append(len(head) + len(tail))
+                spans.append((pos, len(head) + len(tail)))
+                pos += len(head) + len(tail)
                 continue
             where = _find(t, arenas.values())
             if where is None:
                 return None
             arena, offset = where
             used[arena.id] = arena
+            gap = gap_before(pos + len(head), offset, t.nbytes)
+            if gap:
+                segments.append((_GAP, 0, gap))
             segments += [head, (arena.id, offset, t.nbytes), tail]
-            sizes.append(len(head) + t.nbytes + len(tail))
+            spans.append((pos + gap, len(head) + t.nbytes + len(tail)))
+            pos += gap + len(head) + t.nbytes + len(tail)
         out.append((fs.concat_path(directory, name), segments))
-        lengths.append(sizes)
-    return out, lengths, used
+        placed.append(spans)
+    return out, placed, used
+
+
+def gap_before(data_at: int, arena_offset: int, nbytes: int) -> int:
+    """Zero bytes before an item whose data would start at file offset ``data_at`` so that
+    it starts at one congruent to ``arena_offset`` modulo the O_DIRECT block (big items only)."""
+    return (arena_offset - data_at) % _BLOCK if nbytes >= ALIGN_MIN else 0
 
 
 def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
@@ -207,18 +230,19 @@ def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
     return None
 
 
-def _write_by_process(fs: Any, program: Any, threads: int) -> list[list[int]]:
-    files, lengths, arenas = program
+def _write_by_process(fs: Any, program: Any, threads: int) -> list[list[tuple[int, int]]]:
+    files, placed, arenas = program
     try:
         written = WRITER.write(files, threads, arenas)
     except OSError as e:
         fs.recorder.os_errors.append(e)
         raise
-    for (path, _), sizes, (size, digest) in zip(files, lengths, written, strict=True):
-        if size != sum(sizes):
-            raise WriterProcessError(f"the writer process wrote {size} bytes into {path}, expected {sum(sizes)}")
+    for (path, _), spans, (size, digest) in zip(files, placed, written, strict=True):
+        expected = spans[-1][0] + spans[-1][1] if spans else 0
+        if size != expected:
+            raise WriterProcessError(f"the writer process wrote {size} bytes into {path}, expected {expected}")
         fs.recorder.put(path, size, digest)
-    return lengths
+    return placed
 
 
 def write_file(fs: Any, directory: str, name: str, tensors: Iterable[torch.Tensor]) -> list[int]:
