@@ -12,9 +12,16 @@ So a save staged into a host arena (``arena.py``: the arenas are ``memfd`` memor
 with this process) is written by one child process, started on the first such save. The
 parent sends, per save, a program: for each file, its path and a list of segments - a
 stretch of a shared arena (the tensors' bytes, as staged) or of the message itself (the
-frames around them) - and gets back each file's size and XXH3-64 checksum, computed on the
-same pass. The child writes each file with ``writev`` (no copy, few system calls), fsyncs
-it, and runs at a lower CPU priority. It has no GIL in common with training and never
+frames around them, or a gap of zeros) - and gets back each file's size and XXH3-64
+checksum, computed on the same pass. The child writes each file with ``O_DIRECT``: the
+writer places every item of 1 MB or more so that its data starts at a file offset congruent
+to its arena offset modulo 4 KB (``writer.gap_before``), so the block-aligned middle of it
+goes from the arena to the disk with no copy into the page cache and no writeback after it
+(a buffered write moves the state through memory three times - copy, checksum, writeback -
+and a memory-bound training loop beside it feels each pass); frames and fringes go through
+a small aligned bounce buffer. Where the file system refuses ``O_DIRECT`` (EINVAL), or with
+``DISTCKPT_DIRECT_IO=0``, it writes through the page cache with ``writev``. Then it fsyncs.
+The child runs at a lower CPU priority, has no GIL in common with training and never
 imports torch (it starts in ~50 ms).
 
 Call order: 1. (save thread) ``WRITER.write(files, threads)`` maps any arena the child has
