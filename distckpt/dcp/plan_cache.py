@@ -23,21 +23,19 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from ..arena import DTensor, local_part, shared_arenas
+from ..arena import DTensor, local_part
 from .write_process import ALIGN_MIN
 
 
 def signature(tensors: dict[str, torch.Tensor]) -> str:
     """What the plan depends on: names in order, dtypes, shapes and shardings, and where a
-    big staged item sits in its arena modulo the O_DIRECT block (its gap in the file)."""
+    big host tensor sits in memory modulo the O_DIRECT block (its gap in the file)."""
     h = xxhash.xxh3_64()
-    arenas = list(shared_arenas().values())
     for fqn, t in tensors.items():
         local = local_part(t)
         h.update(f"{fqn}|{t.dtype}|{tuple(t.shape)}|{tuple(local.shape)}".encode())
-        if local.nbytes >= ALIGN_MIN:
-            offsets = [o for a in arenas if (o := a.locate(local)) is not None]
-            h.update(f"|{offsets[0] % 4096 if offsets else None}".encode())
+        if local.nbytes >= ALIGN_MIN and local.device.type == "cpu":
+            h.update(f"|{local.data_ptr() % 4096}".encode())
         if DTensor is not None and isinstance(t, DTensor):
             h.update(f"|{t.placements}|{t.device_mesh.shape}|{t.device_mesh.get_coordinate()}".encode())
     return h.hexdigest()

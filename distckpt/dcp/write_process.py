@@ -321,7 +321,7 @@ def _write_request(header: dict[str, Any], blob: bytearray, maps: dict[int, mmap
                     _part(segs[j], segs[j + 1], segs[j + 2], inline, views)
                     for j in range(3 * first, 3 * (first + count), 3)
                 ]
-                results[i] = (header.get("direct") and _write_direct(path, parts)) or _write_file(path, parts)
+                results[i] = (header.get("direct") and _write_direct_io(path, parts)) or write_parts(path, parts)
             except OSError as e:
                 errors.append({"errno": e.errno, "strerror": e.strerror or str(e), "path": path})
             except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -344,7 +344,19 @@ def _part(src: int, offset: int, length: int, inline: memoryview, views: dict[in
     return views[src][offset : offset + length], offset % _BLOCK
 
 
-def _write_direct(path: str, parts: list[_Part]) -> tuple[int, str] | None:
+def write_direct(path: str, parts: list[_Part]) -> tuple[int, str] | None:
+    """``_write_direct_io`` unless ``DISTCKPT_DIRECT_IO=0`` (then None: write through the
+    page cache with ``write_parts``)."""
+    if not _direct_io():
+        return None
+    return _write_direct_io(path, parts)
+
+
+def _direct_io() -> bool:
+    return os.environ.get("DISTCKPT_DIRECT_IO", "1") != "0"
+
+
+def _write_direct_io(path: str, parts: list[_Part]) -> tuple[int, str] | None:
     """Write ``parts`` with ``O_DIRECT``: the disk reads an arena's bytes where they are (no
     copy into the page cache, no writeback later); the frames and any stretch that is not
     block-aligned go through a small aligned bounce buffer. None where the file system does
@@ -401,7 +413,7 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_file(path: str, parts: list[_Part]) -> tuple[int, str]:
+def write_parts(path: str, parts: list[_Part]) -> tuple[int, str]:
     """Write ``parts`` back to back into ``path``, checksummed on the way; fsync; size, digest."""
     h = xxhash.xxh3_64()
     size = 0

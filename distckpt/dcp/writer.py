@@ -36,7 +36,7 @@ from torch.futures import Future
 from ..arena import Arena, local_part, shared_arenas
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
-from .write_process import _BLOCK, _GAP, ALIGN_MIN, WRITER, WriterProcessError
+from .write_process import _BLOCK, _GAP, ALIGN_MIN, WRITER, WriterProcessError, write_direct, write_parts
 
 _SUFFIX = ".distcp"
 _SMALL = 64 << 10  # items up to this size are joined with their frame into one write
@@ -154,17 +154,24 @@ class FastWriter(StorageWriter):
 def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> list[list[tuple[int, int]]]:
     """Write each ``(name, tensors)`` framed into ``directory/name`` through ``fs`` (a
     ``StorageFS``: durable, checksummed); returns each file's items as ``(offset, length)``.
-    Tensors staged in shared host arenas going to local disk are written by the writer
-    process (``write_process``), each big item's data placed at a file offset congruent to its
-    arena offset (a gap of < 4 KB before it; DCP reads items by offset, never the gaps), so
-    the disk can read it in place (``O_DIRECT``); any others by threads of this process, back
-    to back."""
+
+    To local disk, each big item's data is placed at a file offset congruent to its address
+    modulo the O_DIRECT block (a gap of < 4 KB before it; DCP reads items by offset, never
+    the gaps), so the disk reads it in place (``write_process.write_direct``): tensors staged
+    in shared host arenas by the writer process, other CPU tensors (a synchronous save's live
+    ones) by threads of this process. Anything else (object stores, CUDA or strided
+    tensors) is written back to back through ``fs``'s streams by threads."""
     nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
     threads = writer_threads(nbytes, len(files))
-    if isinstance(fs.storage, PosixStorage) and fs.recorder is not None and _by_process():
-        program = _program(fs, directory, files)
-        if program is not None:
-            return _write_by_process(fs, program, threads)
+    if isinstance(fs.storage, PosixStorage) and fs.recorder is not None:
+        placed = _place(files)
+        if placed is not None:
+            paths = [fs.concat_path(directory, name) for name, _ in files]
+            if _by_process() and all(arena is not None for *_, arena, _ in _tensor_entries(placed)):
+                written = _by_writer_process(fs, paths, placed, threads)
+            else:
+                written = _by_direct_threads(fs, paths, placed, threads)
+            return _record(fs, paths, placed, written)
     calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
     return [_back_to_back(lengths) for lengths in run_parallel(calls, threads)]
 
@@ -183,43 +190,41 @@ def _by_process() -> bool:
     return os.environ.get("DISTCKPT_WRITE_PROCESS", "1") != "0"
 
 
-def _program(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> Any:
-    """``(paths' segments, each file's items as (offset, length), arenas used)`` when every
-    tensor lies in a shared arena, else None."""
-    arenas = shared_arenas()
-    used: dict[int, Arena] = {}
-    out, placed = [], []
-    for name, tensors in files:
-        segments: list[Any] = []
+#: a placed file: its entries in order - bytes (a frame), an int (a gap of that many zero
+#: bytes), or ``(tensor, arena or None, offset in the arena)`` - and its items' spans
+_Placed = tuple[list[Any], list[tuple[int, int]]]
+
+
+def _place(files: list[tuple[str, list[torch.Tensor]]]) -> list[_Placed] | None:
+    """Every file laid out for O_DIRECT, or None when a tensor is not contiguous host memory."""
+    arenas = list(shared_arenas().values())
+    out = []
+    for _, tensors in files:
+        entries: list[Any] = []
         spans, pos = [], 0
         for t in tensors:
             t = local_part(t).detach()
-            head, tail = frame(t.dtype, tuple(t.shape))
-            if t.nbytes == 0:  # staged as a plain empty tensor: nothing to point at
-                segments += [head, tail]
-                spans.append((pos, len(head) + len(tail)))
-                pos += len(head) + len(tail)
-                continue
-            where = _find(t, arenas.values())
-            if where is None:
+            if t.device.type != "cpu" or not t.is_contiguous():
                 return None
-            arena, offset = where
-            used[arena.id] = arena
-            gap = gap_before(pos + len(head), offset, t.nbytes)
-            if gap:
-                segments.append((_GAP, 0, gap))
-            segments += [head, (arena.id, offset, t.nbytes), tail]
+            head, tail = frame(t.dtype, tuple(t.shape))
+            where = _find(t, arenas) if t.nbytes else None
+            gap = gap_before(pos + len(head), t.data_ptr(), t.nbytes)
+            entries += [gap, head, (t, *(where or (None, 0))), tail]
             spans.append((pos + gap, len(head) + t.nbytes + len(tail)))
             pos += gap + len(head) + t.nbytes + len(tail)
-        out.append((fs.concat_path(directory, name), segments))
-        placed.append(spans)
-    return out, placed, used
+        out.append((entries, spans))
+    return out
 
 
-def gap_before(data_at: int, arena_offset: int, nbytes: int) -> int:
+def _tensor_entries(placed: list[_Placed]) -> Iterable[tuple[torch.Tensor, Arena | None, int]]:
+    return (e for entries, _ in placed for e in entries if isinstance(e, tuple) and e[0].nbytes)
+
+
+def gap_before(data_at: int, address: int, nbytes: int) -> int:
     """Zero bytes before an item whose data would start at file offset ``data_at`` so that
-    it starts at one congruent to ``arena_offset`` modulo the O_DIRECT block (big items only)."""
-    return (arena_offset - data_at) % _BLOCK if nbytes >= ALIGN_MIN else 0
+    it starts at one congruent to its memory ``address`` modulo the O_DIRECT block (big
+    items only: the gap is < 4 KB)."""
+    return (address - data_at) % _BLOCK if nbytes >= ALIGN_MIN else 0
 
 
 def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
@@ -230,19 +235,61 @@ def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
     return None
 
 
-def _write_by_process(fs: Any, program: Any, threads: int) -> list[list[tuple[int, int]]]:
-    files, placed, arenas = program
+def _by_writer_process(fs: Any, paths: list[str], placed: list[_Placed], threads: int) -> list[tuple[int, str]]:
+    files, arenas = [], {}
+    for path, (entries, _) in zip(paths, placed, strict=True):
+        segments: list[Any] = []
+        for e in entries:
+            if isinstance(e, tuple):
+                t, arena, offset = e
+                if t.nbytes:
+                    arenas[arena.id] = arena
+                    segments.append((arena.id, offset, t.nbytes))
+            elif isinstance(e, bytes):
+                segments.append(e)
+            elif e:
+                segments.append((_GAP, 0, e))
+        files.append((path, segments))
     try:
-        written = WRITER.write(files, threads, arenas)
+        return WRITER.write(files, threads, arenas)
     except OSError as e:
         fs.recorder.os_errors.append(e)
         raise
-    for (path, _), spans, (size, digest) in zip(files, placed, written, strict=True):
+
+
+def _by_direct_threads(fs: Any, paths: list[str], placed: list[_Placed], threads: int) -> list[tuple[int, str]]:
+    def one(path: str, entries: list[Any]) -> tuple[int, str]:
+        parts = [_part(e) for e in entries if not isinstance(e, int) or e]
+        try:
+            return write_direct(path, parts) or write_parts(path, parts)
+        except OSError as e:
+            fs.recorder.os_errors.append(e)
+            raise
+
+    calls = [functools.partial(one, path, entries) for path, (entries, _) in zip(paths, placed, strict=True)]
+    return run_parallel(calls, threads)
+
+
+def _part(entry: Any) -> tuple[memoryview, int | None]:
+    if isinstance(entry, bytes):
+        return memoryview(entry), None
+    if isinstance(entry, int):
+        return memoryview(bytes(entry)), None
+    t = entry[0]
+    if not t.nbytes:
+        return memoryview(b""), None
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()), t.data_ptr() % _BLOCK
+
+
+def _record(
+    fs: Any, paths: list[str], placed: list[_Placed], written: list[tuple[int, str]]
+) -> list[list[tuple[int, int]]]:
+    for path, (_, spans), (size, digest) in zip(paths, placed, written, strict=True):
         expected = spans[-1][0] + spans[-1][1] if spans else 0
         if size != expected:
-            raise WriterProcessError(f"the writer process wrote {size} bytes into {path}, expected {expected}")
+            raise WriterProcessError(f"{size} bytes were written into {path}, expected {expected}")
         fs.recorder.put(path, size, digest)
-    return placed
+    return [spans for _, spans in placed]
 
 
 def write_file(fs: Any, directory: str, name: str, tensors: Iterable[torch.Tensor]) -> list[int]:
