@@ -11,9 +11,16 @@ byte-for-byte the layout ``torch.save`` produces (the data record's CRC32 field 
 empty, which ``torch.load`` accepts), so plain ``dcp.load`` reads it; the XXH3 checksum of
 each file is computed on the same pass, and the big writes release the GIL.
 
-A tensor that is not a contiguous CPU tensor owning exactly its bytes (a live view, a
-transposed tensor, a CUDA tensor written without staging) is copied into one first, as DCP
-copies views; every item on disk is then plain row-major data.
+To local disk the items are not quite back to back: ``write_files`` places each item of
+1 MB or more so that its data starts at a file offset congruent to its memory address
+modulo 4 KB (a gap of zeros before it, recorded nowhere but in the offsets of DCP's
+metadata, which never reads the gaps), and the file is written with ``O_DIRECT``: the disk
+reads the tensor where it lies (``write_process``). Staged tensors are written by the
+writer process, live ones (a synchronous save) by threads here.
+
+A tensor that is not a contiguous CPU tensor (a strided view, a CUDA tensor written without
+staging) goes the old way, through ``fs``'s streams, copied into a contiguous one first, as
+DCP copies views; every item on disk is plain row-major data.
 """
 
 from __future__ import annotations
@@ -259,7 +266,7 @@ def _by_writer_process(fs: Any, paths: list[str], placed: list[_Placed], threads
 
 def _by_direct_threads(fs: Any, paths: list[str], placed: list[_Placed], threads: int) -> list[tuple[int, str]]:
     def one(path: str, entries: list[Any]) -> tuple[int, str]:
-        parts = [_part(e) for e in entries if not isinstance(e, int) or e]
+        parts = _parts(entries)
         try:
             return write_direct(path, parts) or write_parts(path, parts)
         except OSError as e:
@@ -270,15 +277,20 @@ def _by_direct_threads(fs: Any, paths: list[str], placed: list[_Placed], threads
     return run_parallel(calls, threads)
 
 
-def _part(entry: Any) -> tuple[memoryview, int | None]:
-    if isinstance(entry, bytes):
-        return memoryview(entry), None
-    if isinstance(entry, int):
-        return memoryview(bytes(entry)), None
-    t = entry[0]
-    if not t.nbytes:
-        return memoryview(b""), None
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()), t.data_ptr() % _BLOCK
+def _parts(entries: list[Any]) -> list[tuple[memoryview, int | None]]:
+    """A placed file's bytes to write, with each big tensor's address modulo the block; a
+    small item is joined with its frame into one part (one checksum update, one copy)."""
+    parts: list[tuple[memoryview, int | None]] = []
+    for i in range(0, len(entries), 4):  # _place emits gap, head, tensor, tail per item
+        gap, head, (t, _, _), tail = entries[i : i + 4]
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.nbytes else memoryview(b"")
+        if gap:
+            parts.append((memoryview(bytes(gap)), None))
+        if t.nbytes < ALIGN_MIN:
+            parts.append((memoryview(b"".join((head, data, tail))), None))
+        else:
+            parts += [(memoryview(head), None), (data, t.data_ptr() % _BLOCK), (memoryview(tail), None)]
+    return parts
 
 
 def _record(
