@@ -53,6 +53,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import xxhash
@@ -344,7 +345,7 @@ def _part(src: int, offset: int, length: int, inline: memoryview, views: dict[in
     return views[src][offset : offset + length], offset % _BLOCK
 
 
-def write_direct(path: str, parts: list[_Part]) -> tuple[int, str] | None:
+def write_direct(path: str, parts: Iterable[_Part]) -> tuple[int, str] | None:
     """``_write_direct_io`` unless ``DISTCKPT_DIRECT_IO=0`` (then None: write through the
     page cache with ``write_parts``)."""
     if not _direct_io():
@@ -356,7 +357,7 @@ def _direct_io() -> bool:
     return os.environ.get("DISTCKPT_DIRECT_IO", "1") != "0"
 
 
-def _write_direct_io(path: str, parts: list[_Part]) -> tuple[int, str] | None:
+def _write_direct_io(path: str, parts: Iterable[_Part]) -> tuple[int, str] | None:
     """Write ``parts`` with ``O_DIRECT``: the disk reads an arena's bytes where they are (no
     copy into the page cache, no writeback later); the frames and any stretch that is not
     block-aligned go through a small aligned bounce buffer. None where the file system does
@@ -413,7 +414,7 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def write_parts(path: str, parts: list[_Part]) -> tuple[int, str]:
+def write_parts(path: str, parts: Iterable[_Part]) -> tuple[int, str]:
     """Write ``parts`` back to back into ``path``, checksummed on the way; fsync; size, digest."""
     h = xxhash.xxh3_64()
     size = 0

@@ -31,7 +31,7 @@ import os
 import struct
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -266,9 +266,8 @@ def _by_writer_process(fs: Any, paths: list[str], placed: list[_Placed], threads
 
 def _by_direct_threads(fs: Any, paths: list[str], placed: list[_Placed], threads: int) -> list[tuple[int, str]]:
     def one(path: str, entries: list[Any]) -> tuple[int, str]:
-        parts = _parts(entries)
-        try:
-            return write_direct(path, parts) or write_parts(path, parts)
+        try:  # parts are made as they are written: a small item's joined copy lives briefly
+            return write_direct(path, _parts(entries)) or write_parts(path, _parts(entries))
         except OSError as e:
             fs.recorder.os_errors.append(e)
             raise
@@ -277,20 +276,20 @@ def _by_direct_threads(fs: Any, paths: list[str], placed: list[_Placed], threads
     return run_parallel(calls, threads)
 
 
-def _parts(entries: list[Any]) -> list[tuple[memoryview, int | None]]:
+def _parts(entries: list[Any]) -> Iterator[tuple[memoryview, int | None]]:
     """A placed file's bytes to write, with each big tensor's address modulo the block; a
     small item is joined with its frame into one part (one checksum update, one copy)."""
-    parts: list[tuple[memoryview, int | None]] = []
     for i in range(0, len(entries), 4):  # _place emits gap, head, tensor, tail per item
         gap, head, (t, _, _), tail = entries[i : i + 4]
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.nbytes else memoryview(b"")
         if gap:
-            parts.append((memoryview(bytes(gap)), None))
+            yield memoryview(bytes(gap)), None
         if t.nbytes < ALIGN_MIN:
-            parts.append((memoryview(b"".join((head, data, tail))), None))
+            yield memoryview(b"".join((head, data, tail))), None
         else:
-            parts += [(memoryview(head), None), (data, t.data_ptr() % _BLOCK), (memoryview(tail), None)]
-    return parts
+            yield memoryview(head), None
+            yield data, t.data_ptr() % _BLOCK
+            yield memoryview(tail), None
 
 
 def _record(
