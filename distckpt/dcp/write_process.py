@@ -48,6 +48,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -264,6 +265,11 @@ WRITER = WriterProcess()
 
 
 def _child(fd: int, parent: int) -> None:
+    # A preemption signal goes to every process of the job (SLURM) or of the terminal's group
+    # (Ctrl-C): the parent turns it into a final save, which this process must be alive to
+    # write. It ends with its parent (_watch_parent) or when the parent closes the socket.
+    for sig in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, sig), signal.SIG_IGN)
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) < NICE:
             os.setpriority(os.PRIO_PROCESS, 0, NICE)

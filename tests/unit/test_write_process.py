@@ -219,3 +219,18 @@ def test_a_synchronous_save_places_big_items_at_their_live_address_and_restores(
     assert distckpt.Checkpointer(str(tmp_path), back, read_only=True).restore(verify=True).step == 2
     assert all(torch.equal(back["s"][k], v) for k, v in state.items())
     ckpt.close()
+
+
+def test_the_writer_process_outlives_preemption_signals_so_the_final_save_is_written(tmp_path):
+    """SLURM signals every process of the job; the parent turns the signal into a final
+    save, which the writer process must still be alive to write."""
+    state = _state()
+    ckpt = distckpt.Checkpointer(str(tmp_path), {"s": state}, async_save=True)
+    ckpt.save(1).wait()
+    pid = WRITER.pid
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        os.kill(pid, sig)
+    time.sleep(0.2)
+    ckpt.save(2).wait()
+    assert WRITER.pid == pid
+    ckpt.close()
