@@ -24,7 +24,7 @@ import torch.distributed as dist
 import xxhash
 
 from ..arena import DTensor, local_part
-from .write_process import ALIGN_MIN
+from .write_child import ALIGN_MIN
 
 
 def signature(tensors: dict[str, torch.Tensor]) -> str:

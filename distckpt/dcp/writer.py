@@ -43,7 +43,8 @@ from torch.futures import Future
 from ..arena import Arena, local_part, shared_arenas
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
-from .write_process import _BLOCK, _GAP, ALIGN_MIN, WRITER, WriterProcessError, write_direct, write_parts
+from .write_child import ALIGN_MIN, BLOCK, GAP, write_direct, write_parts
+from .write_process import WRITER, WriterProcessError
 
 _SUFFIX = ".distcp"
 _SMALL = 64 << 10  # items up to this size are joined with their frame into one write
@@ -164,7 +165,7 @@ def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tenso
 
     To local disk, each big item's data is placed at a file offset congruent to its address
     modulo the O_DIRECT block (a gap of < 4 KB before it; DCP reads items by offset, never
-    the gaps), so the disk reads it in place (``write_process.write_direct``): tensors staged
+    the gaps), so the disk reads it in place (``write_child.write_direct``): tensors staged
     in shared host arenas by the writer process, other CPU tensors (a synchronous save's live
     ones) by threads of this process. Anything else (object stores, CUDA or strided
     tensors) is written back to back through ``fs``'s streams by threads."""
@@ -231,7 +232,7 @@ def gap_before(data_at: int, address: int, nbytes: int) -> int:
     """Zero bytes before an item whose data would start at file offset ``data_at`` so that
     it starts at one congruent to its memory ``address`` modulo the O_DIRECT block (big
     items only: the gap is < 4 KB)."""
-    return (address - data_at) % _BLOCK if nbytes >= ALIGN_MIN else 0
+    return (address - data_at) % BLOCK if nbytes >= ALIGN_MIN else 0
 
 
 def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
@@ -255,7 +256,7 @@ def _by_writer_process(fs: Any, paths: list[str], placed: list[_Placed], threads
             elif isinstance(e, bytes):
                 segments.append(e)
             elif e:
-                segments.append((_GAP, 0, e))
+                segments.append((GAP, 0, e))
         files.append((path, segments))
     try:
         return WRITER.write(files, threads, arenas)
@@ -288,7 +289,7 @@ def _parts(entries: list[Any]) -> Iterator[tuple[memoryview, int | None]]:
             yield memoryview(b"".join((head, data, tail))), None
         else:
             yield memoryview(head), None
-            yield data, t.data_ptr() % _BLOCK
+            yield data, t.data_ptr() % BLOCK
             yield memoryview(tail), None
 
 

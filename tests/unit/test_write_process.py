@@ -67,7 +67,7 @@ def test_background_saves_are_written_by_the_writer_process_as_the_threads_write
         by_process.save(step).wait()
         by_threads.save(step).wait()
         assert WRITER.pid is not None and WRITER.pid != os.getpid()
-        assert "write_process.py" in _cmdline(WRITER.pid)
+        assert "write_child.py" in _cmdline(WRITER.pid)
         (p, _), (t, _) = _items(_url(by_process, step)), _items(_url(by_threads, step))
         assert p and p == t
     back = {"s": {k: torch.zeros_like(v) for k, v in state.items()}}
@@ -147,7 +147,7 @@ def test_the_writer_process_exits_when_its_parent_is_killed(tmp_path):
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    assert "write_process.py" in _cmdline(child)
+    assert "write_child.py" in _cmdline(child)
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 5
