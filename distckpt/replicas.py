@@ -319,4 +319,12 @@ def plan_repairs(
 
 
 def _tree_bytes(storage: Any, path: str) -> int:
-    return sum(storage.size(storage.join(path, n)) for n in storage.listdir(path))
+    """Bytes of the files in ``path``; retention may be deleting that step meanwhile (on the
+    memory tier it runs beside replication), and what is gone holds no memory."""
+    total = 0
+    for name in storage.listdir(path):  # [] once the directory is gone
+        try:
+            total += storage.size(storage.join(path, name))
+        except FileNotFoundError:
+            pass
+    return total

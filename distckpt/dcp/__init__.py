@@ -19,7 +19,9 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ..arena import local_part
@@ -69,7 +71,7 @@ def write_items(
     writer = FastWriter(storage, workdir, threads)
     try:
         with unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
-            md = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+            md = _dcp_save(tensors, writer, group)
     except CheckpointError as e:
         if writer.recorder.os_errors:  # the real cause, which torch's writer turned into a RuntimeError
             raise writer.recorder.os_errors[0] from e
@@ -135,8 +137,37 @@ def read_items(
     else:
         reader = StorageReader(storage, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
-        dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group, no_dist=group is None)
+        _dcp_load(tensors, reader, SafeLoadPlanner(), group)
     return getattr(reader, "counter", ReadCounter())
+
+
+# ``dcp.save`` and ``dcp.load`` call ``state_dict()`` / ``load_state_dict()`` on each
+# ``Stateful`` value of the dict, and ``dcp.save`` wraps every value in a logging decorator
+# that builds two log records: ~0.1 ms per value, 1 s for 10,000 tensors. distckpt only
+# ever hands DCP a flat ``{fqn: tensor}`` dict, with no Stateful in it, so it calls the
+# functions those two wrap. If a torch release renames them, the public calls still work.
+_save_state_dict = getattr(state_dict_saver, "_save_state_dict", None)
+_load_state_dict = getattr(state_dict_loader, "_load_state_dict", None)
+
+
+def _no_dist(group: Any) -> bool:
+    return group is None or not dist.is_available() or not dist.is_initialized()
+
+
+def _dcp_save(tensors: dict[str, torch.Tensor], writer: Any, group: Any) -> Metadata:
+    if _save_state_dict is None:
+        return dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+    return _save_state_dict(tensors, writer, process_group=group, no_dist=_no_dist(group))
+
+
+def _dcp_load(tensors: dict[str, torch.Tensor], reader: Any, planner: Any, group: Any) -> None:
+    if _load_state_dict is None:
+        dcp.load(tensors, storage_reader=reader, planner=planner, process_group=group, no_dist=group is None)
+        return
+    # every rank loads the values in the same order, as dcp.load makes sure
+    _load_state_dict(
+        dict(sorted(tensors.items())), reader, process_group=group, no_dist=_no_dist(group), planner=planner
+    )
 
 
 def tensor_table(md: Metadata | None) -> dict[str, Any]:

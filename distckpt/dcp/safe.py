@@ -4,7 +4,10 @@
   unpickler that only admits DCP's own metadata classes and torch dtypes, so a doctored
   checkpoint cannot run code;
 * ``SafeLoadPlanner`` refuses pickled (byte) items instead of unpickling them: distckpt
-  only ever hands DCP tensors, whose items DCP loads with ``weights_only=True``.
+  only ever hands DCP tensors, whose items DCP loads with ``weights_only=True``. It also
+  plans a plain tensor stored whole (one chunk) in one step, where DCP's default planner
+  runs its resharding sweep and its ``narrow`` per tensor (~0.1 ms each): what a state of
+  100,000 small tensors spends most of its restore on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from ..errors import CorruptCheckpointError
 from ..layout.catalog import DCP_METADATA
@@ -88,8 +93,46 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     distckpt only ever hands DCP tensors; its other values live in JSON.
     """
 
+    def create_local_plan(self) -> LoadPlan:
+        stored = self.metadata.state_dict_metadata if self.metadata is not None else {}
+        if self.state_dict.keys() != stored.keys():  # partial or older checkpoints: DCP's own rules
+            return super().create_local_plan()
+        strict = not self.allow_partial_load
+        requests: list[ReadItem] = []
+        for fqn, obj in self.state_dict.items():
+            whole = _whole_chunk(stored[fqn], obj)
+            if whole is None:
+                requests += create_default_local_load_plan({fqn: obj}, self.metadata, strict).items
+            else:
+                index = MetadataIndex(fqn, whole, 0)
+                requests.append(ReadItem(LoadItemType.TENSOR, index, whole, index, whole, obj.size()))
+        return LoadPlan(requests)
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        obj = self.state_dict.get(read_item.dest_index.fqn)
+        if type(obj) is torch.Tensor and read_item.lengths == obj.size() and not any(read_item.dest_offsets):
+            return obj
+        return super().resolve_tensor(read_item)
+
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         raise CorruptCheckpointError(
             f"checkpoint item {read_item.dest_index.fqn!r} is pickled data, which distckpt "
             "never writes and will not unpickle; load it with torch.distributed.checkpoint directly"
         )
+
+
+def _whole_chunk(stored: Any, obj: Any) -> torch.Size | None:
+    """The (zero) offsets of a plain tensor stored whole, in one chunk, with its current size;
+    None when DCP's resharding planner has to work it out (or report the mismatch), and for
+    an empty tensor, for which DCP plans no read at all."""
+    if (
+        type(obj) is not torch.Tensor
+        or not obj.numel()
+        or not isinstance(stored, TensorStorageMetadata)
+        or len(stored.chunks) != 1
+    ):
+        return None
+    chunk = stored.chunks[0]
+    if stored.size != obj.size() or chunk.sizes != stored.size or any(chunk.offsets):
+        return None
+    return chunk.offsets

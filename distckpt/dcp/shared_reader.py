@@ -191,25 +191,25 @@ class SharedReader(StorageReader):
             return None
         dtype, shape = spec
         info = self.storage_data[index]
-        head, tail = frame(dtype, tuple(shape))
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        head, tail = frame(dtype, shape)
+        nbytes = shape.numel() * dtype.itemsize
         if info.length != len(head) + nbytes + len(tail):
             return None
         item = _Item(info.offset, head, info.offset + len(head), nbytes, reqs)
-        if len(reqs) == 1:
+        if len(reqs) == 1 and nbytes:
             req = reqs[0]
-            target = planner.resolve_tensor(req).detach()
-            whole = tuple(req.storage_offsets) == (0,) * len(shape) and tuple(req.lengths) == tuple(shape)
-            if whole and target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-                if tuple(target.shape) == tuple(shape) and nbytes:
-                    item.dst = target.reshape(-1).view(torch.uint8).numpy()
+            target = planner.resolve_tensor(req)
+            whole = req.lengths == shape and not any(req.storage_offsets)
+            if whole and target.shape == shape and target.dtype == dtype and target.device.type == "cpu":
+                if target.is_contiguous():
+                    item.dst = target.detach().view(-1).view(torch.uint8).numpy()
         return item
 
     def _source_spec(self, index: Any) -> tuple[torch.dtype, torch.Size] | None:
         item = self._md.state_dict_metadata.get(index.fqn) if self._md else None
         for chunk in getattr(item, "chunks", None) or []:
             if tuple(chunk.offsets) == tuple(index.offset or ()):
-                return item.properties.dtype, chunk.sizes
+                return item.properties.dtype, torch.Size(chunk.sizes)
         return None
 
     def _finish(self, item: _Item, planner: Any) -> bool:
@@ -217,12 +217,12 @@ class SharedReader(StorageReader):
         if bytes(item.seen_head) != item.head or item.got != item.nbytes:
             return False
         for req in item.reqs:
-            target = planner.resolve_tensor(req).detach()
+            target = planner.resolve_tensor(req)
             if item.dst is None:
                 spec = self._source_spec(req.storage_index)
                 assert spec is not None
                 src = item.tmp.view(spec[0]).view(spec[1]) if item.tmp is not None else torch.empty(0, dtype=spec[0])
-                target.copy_(narrow_tensor_by_index(src, req.storage_offsets, req.lengths))
+                target.detach().copy_(narrow_tensor_by_index(src, req.storage_offsets, req.lengths))
             planner.commit_tensor(req, target)
         item.tmp = None
         return True
