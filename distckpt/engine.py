@@ -39,7 +39,8 @@ class Engine(Protocol):
         self, tensors: dict[str, torch.Tensor], workdir: str, storage: Storage, ranks: Ranks
     ) -> tuple[list[FileRecord], dict[str, Any]]:
         """(all ranks, save thread) Write this rank's files. Returns its file records and,
-        on the chief, the global tensor table ``{fqn: {"shape", "dtype"}}``."""
+        on the chief, what ``state.json`` holds of the tensors: ``"tensors"``, the global
+        table ``{fqn: {"shape", "dtype"}}``, and ``"dcp_metadata"`` (``dcp/index.py``)."""
         ...
 
     def read(
@@ -53,13 +54,15 @@ class Engine(Protocol):
         shared: bool = True,
         files: dict[str, FileRecord] | None = None,
         node_local: NodeLocal | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ReadCounter:
         """(all ranks, training thread) Fill ``tensors`` in place from the step at ``stepdir``;
         ``contiguous``: its items are distckpt's own framed tensors (the shared reader
         applies); ``shared``: every rank sees the same files (each is then read once across
         the ranks); ``files``: the manifest's records, to checksum the files as they are read;
         ``node_local``: on a node-local tier, the ranks whose node holds each file (its
-        own copy or a partner's replica) and where this rank finds them."""
+        own copy or a partner's replica) and where this rank finds them; ``metadata``: the
+        step's DCP metadata as JSON, when ``state.json`` has it (no ``.metadata`` read)."""
         ...
 
 
@@ -93,12 +96,13 @@ class ShardedEngine:
         shared: bool = True,
         files: dict[str, FileRecord] | None = None,
         node_local: NodeLocal | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ReadCounter:
         share = ranks.group("fg") if shared or node_local else None  # who reads each file once for the others
         group = self._load_group(ranks)
         return read_items(
             tensors, storage, stepdir, group=group, contiguous=contiguous, share=share, files=files,
-            node_local=node_local,
+            node_local=node_local, metadata=metadata,
         )  # fmt: skip
 
     def _load_group(self, ranks: Ranks) -> Any:

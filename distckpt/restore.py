@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dcp import NodeLocal, ReadCounter
+from .dcp import METADATA_KEY, NodeLocal, ReadCounter
 from .engine import Engine
 from .errors import (
     CheckpointError,
@@ -206,6 +206,7 @@ class Restorer:
                 shared=tier.shared,
                 files=files,
                 node_local=local,
+                metadata=state.get(METADATA_KEY),
             ),
             f"reading step {step}",
         )

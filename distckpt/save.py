@@ -266,7 +266,7 @@ class Saves:
         state = {
             "recoverables": job.skeletons,
             "per_rank": {name: [r[2].get(name) for r in results] for name in job.per_rank},
-            "tensors": results[0][1],
+            **results[0][1],  # the tensor table, and DCP's metadata as JSON (dcp/index.py)
             # every item is written as plain row-major data (dcp/writer.py): restore reads it raw
             "layout": "contiguous",
         }

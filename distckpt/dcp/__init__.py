@@ -32,6 +32,7 @@ from ..storage import Storage
 from ..tree import dtype_name
 from .errors import unwrap_dcp_errors
 from .fs import FileRecorder, StorageFS, StorageReader
+from .index import METADATA_KEY, from_json, to_json
 from .plan_cache import Plan, PlanCache, signature
 from .safe import SafeLoadPlanner, load_dcp_metadata
 from .shared_reader import NodeLocal, ReadCounter, SharedReader
@@ -39,6 +40,7 @@ from .writer import FastWriter, write_files
 
 __all__ = [
     "DCP_METADATA",
+    "METADATA_KEY",
     "NodeLocal",
     "ReadCounter",
     "load_dcp_metadata",
@@ -76,11 +78,20 @@ def write_items(
         if writer.recorder.os_errors:  # the real cause, which torch's writer turned into a RuntimeError
             raise writer.recorder.os_errors[0] from e
         raise
-    table = tensor_table(md) if rank == 0 else {}
+    table = _catalog(md) if rank == 0 else {}
     if cache is not None:
         metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA)) if rank == 0 else None
         cache.plan = Plan(key, writer.layout, metadata, table, writer.placed)
     return writer.recorder.records(rank, _read_back(storage, workdir)), table
+
+
+def _catalog(md: Metadata) -> dict[str, Any]:
+    """What the coordinator adds to ``state.json``: the tensor table and DCP's metadata as JSON."""
+    out: dict[str, Any] = {"tensors": tensor_table(md)}
+    index = to_json(md)
+    if index is not None:
+        out[METADATA_KEY] = index
+    return out
 
 
 def _write_planned(
@@ -121,6 +132,7 @@ def read_items(
     share: Any = None,
     files: dict[str, FileRecord] | None = None,
     node_local: NodeLocal | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ReadCounter:
     """(every rank in ``group``, or one rank alone) Fill ``tensors`` in place from the step at
     ``stepdir``. ``contiguous``: its items are distckpt's own framed tensors, which
@@ -128,7 +140,8 @@ def read_items(
     ``share`` (a process group; None: this rank reads what it needs itself), checking each
     file read against ``files`` (the manifest's records; None: no checksums). Returns what
     was asked of storage. ``node_local``: on a node-local tier, which ranks of ``share`` hold
-    each file and where this rank finds those it holds (the others receive them)."""
+    each file and where this rank finds those it holds (the others receive them).
+    ``metadata``: the step's DCP metadata as JSON (``state.json``), read instead of ``.metadata``."""
     if not tensors:
         return ReadCounter()
     if contiguous:
@@ -136,6 +149,8 @@ def read_items(
         reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, node_local=node_local)
     else:
         reader = StorageReader(storage, stepdir)
+    if metadata is not None:
+        reader.known_metadata = from_json(metadata, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
         _dcp_load(tensors, reader, SafeLoadPlanner(), group)
     return getattr(reader, "counter", ReadCounter())

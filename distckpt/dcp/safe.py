@@ -71,16 +71,20 @@ def load_dcp_metadata(stream: Any, where: str) -> Metadata:
 
 
 class SafeReaderMixin:
-    """Overrides ``read_metadata`` of a DCP reader with the restricted unpickler."""
+    """Overrides ``read_metadata`` of a DCP reader with the restricted unpickler, or with
+    ``known_metadata`` when the caller has it already (``index.from_json``)."""
 
     fs: Any
     path: Any
     load_id: str
+    known_metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self.fs.concat_path(self.path, DCP_METADATA)
-        with self.fs.create_stream(path, "rb") as f:
-            md = load_dcp_metadata(f, str(path))
+        md = self.known_metadata
+        if md is None:
+            path = self.fs.concat_path(self.path, DCP_METADATA)
+            with self.fs.create_stream(path, "rb") as f:
+                md = load_dcp_metadata(f, str(path))
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id

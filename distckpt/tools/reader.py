@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..dcp import DCP_METADATA, read_items
+from ..dcp import DCP_METADATA, METADATA_KEY, read_items
 from ..errors import DistckptError, NoCheckpointError
 from ..layout.catalog import Catalog, CheckpointInfo
 from ..layout.commit import TMP_PREFIX, commit_for
@@ -187,7 +187,7 @@ class CheckpointReader:
         contiguous = state.get("layout") == "contiguous"
         for batch in _batches(list(names), table, batch_bytes):
             dest = {n: torch.empty(table[n]["shape"], dtype=dtype_from_name(table[n]["dtype"])) for n in batch}
-            read_items(dest, self.storage, stepdir, group=None, contiguous=contiguous)
+            read_items(dest, self.storage, stepdir, group=None, contiguous=contiguous, metadata=state.get(METADATA_KEY))
             yield dest
 
     def tensor_table(self, step: int | None = None) -> dict[str, dict[str, Any]]:

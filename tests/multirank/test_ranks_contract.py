@@ -62,12 +62,12 @@ def _engine_job(rank, world, root, mode):
     state = {"shared.w": torch.arange(12.0).reshape(3, 4)}
     if mode == "sharded":  # every rank's own tensors, written by that rank (chief mode: one full state)
         state[f"rank{rank}.x"] = torch.full((2,), float(rank))
-    records, table = engine.write(state, workdir, storage, ranks)
+    records, catalog = engine.write(state, workdir, storage, ranks)
     back = {k: torch.zeros_like(v) for k, v in state.items()}
     ranks.barrier()
     engine.read(back, workdir, storage, ranks, True)
     same = all(torch.equal(back[k], state[k]) for k in state)
-    return engine.writes(ranks), sorted(r.name for r in records), sorted(table), same
+    return engine.writes(ranks), sorted(r.name for r in records), sorted(catalog.get("tensors", {})), same
 
 
 def test_sharded_engine_writes_on_every_rank_and_chief_engine_on_rank0(tmp_path):

@@ -1,5 +1,8 @@
 """Resharding: FSDP2 / DTensor state saved by N ranks restores with M ranks (and from plain DCP)."""
 
+import json
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -8,6 +11,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from distckpt import Checkpointer
+from distckpt.dcp import load_dcp_metadata
+from distckpt.dcp.index import from_json
 from tests.support.harness import run_ranks
 from tests.support.models import clone_state, make_training, tensors_equal, train
 
@@ -65,6 +70,14 @@ def _check(saved, restored):
 def test_fsdp2_sharded_2_ranks_restores_on_3_ranks_and_on_1_without_process_group(tmp_path):
     root = str(tmp_path / "ckpt")
     saved = run_ranks(_fsdp_save, 2, root, "sharded")
+    # the restores read DCP's metadata from state.json's JSON index: it is the pickle's equal
+    step = os.path.join(root, sorted(n for n in os.listdir(root) if n.startswith("step_"))[-1])
+    with open(os.path.join(step, ".metadata"), "rb") as f:
+        pickled = load_dcp_metadata(f, step)
+    with open(os.path.join(step, "state.json")) as f:
+        index = from_json(json.load(f)["dcp_metadata"], step)
+    assert index.state_dict_metadata == pickled.state_dict_metadata and index.storage_data == pickled.storage_data
+    assert any(len(md.chunks) == 2 for md in index.state_dict_metadata.values())  # sharded over the 2 ranks
     _check(saved, run_ranks(_fsdp_restore, 3, root, "sharded"))
     _check(saved, run_ranks(_fsdp_restore, 1, root, "sharded", init=False))
 

@@ -103,16 +103,31 @@ class _Boom:
         return (os.system, ("touch PWNED",))
 
 
-def test_a_doctored_metadata_pickle_is_never_executed(root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    stepdir = _two_steps(root)
-    evil = pickle.dumps(_Boom())
-    open(os.path.join(stepdir, ".metadata"), "wb").write(evil)
-    # the attacker also fixes up the manifest, so only the unpickler stands in the way
+def _doctor(stepdir, name, data):
+    """Replace a step's file and fix up the manifest to match, as an attacker would."""
+    open(os.path.join(stepdir, name), "wb").write(data)
     man_path = os.path.join(stepdir, "manifest.json")
     man = json.load(open(man_path))
-    man["files"][".metadata"].update(size=len(evil), checksum=checksum_bytes(evil))
+    man["files"][name].update(size=len(data), checksum=checksum_bytes(data))
     json.dump(man, open(man_path, "w"))
-    with pytest.raises(CorruptCheckpointError, match="refusing to load posix.system|not allowed"):
-        _restore(root, step=2)
+
+
+@pytest.mark.parametrize("index", [True, False], ids=["json-index", "older-step-without-index"])
+def test_a_doctored_metadata_pickle_is_never_executed(root, tmp_path, monkeypatch, index):
+    monkeypatch.chdir(tmp_path)
+    stepdir = _two_steps(root)
+    _doctor(stepdir, ".metadata", pickle.dumps(_Boom()))  # only the unpickler stands in the way
+    if index:
+        # distckpt's restore reads DCP's metadata from state.json's JSON index: the pickle
+        # is never opened, and the step restores bit-exact
+        info, t = _restore(root, step=2)
+        assert info.step == 2 and torch.equal(t, torch.arange(1000, dtype=torch.float32) + 1)
+    else:
+        # a step without the index (written before it existed): the restricted unpickler refuses
+        state_path = os.path.join(stepdir, "state.json")
+        state = json.load(open(state_path))
+        del state["dcp_metadata"]
+        _doctor(stepdir, "state.json", json.dumps(state).encode())
+        with pytest.raises(CorruptCheckpointError, match="refusing to load posix.system|not allowed"):
+            _restore(root, step=2)
     assert not os.path.exists(tmp_path / "PWNED")

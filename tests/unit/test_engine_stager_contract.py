@@ -9,6 +9,7 @@ Stager: ``stage`` is a snapshot (the caller may change its tensors right away) u
 says ``live``; ``release`` returns the memory, which the next save reuses.
 """
 
+import itertools
 import os
 
 import pytest
@@ -48,17 +49,18 @@ def test_engine_writes_what_it_reports_and_reads_it_back(mode, tmp_path):
     storage.makedirs(workdir)
     state = _state()
     assert engine.writes(ranks)  # a single rank is the chief, and writes in every mode
-    records, table = engine.write(state, workdir, storage, ranks)
+    records, catalog = engine.write(state, workdir, storage, ranks)
     assert {r.name for r in records} == set(os.listdir(workdir))
     for rec in records:
         with open(os.path.join(workdir, rec.name), "rb") as f:
             assert checksum_stream(f) == (rec.size, rec.checksum)
-    assert table == {
+    assert catalog["tensors"] == {
         k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
     }
-    for contiguous in (False, True):  # DCP's own reader, and the raw fast path
+    # DCP's own reader and the raw fast path; DCP's metadata from .metadata or from the JSON index
+    for contiguous, metadata in itertools.product((False, True), (None, catalog["dcp_metadata"])):
         back = {k: torch.zeros_like(v) for k, v in state.items()}
-        engine.read(back, workdir, storage, ranks, contiguous)
+        engine.read(back, workdir, storage, ranks, contiguous, metadata=metadata)
         assert all(torch.equal(back[k], state[k]) for k in state)
     plain = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(plain, checkpoint_id=workdir)  # a plain DCP folder

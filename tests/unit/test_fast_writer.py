@@ -67,7 +67,8 @@ def test_written_steps_load_with_plain_dcp_and_checksums_match(tmp_path):
     storage, state = open_storage(str(tmp_path)), _state()
     workdir = str(tmp_path / "step")
     storage.makedirs(workdir)
-    records, table = write_items(state, storage, workdir, rank=0, group=None, threads=3)
+    records, catalog = write_items(state, storage, workdir, rank=0, group=None, threads=3)
+    table = catalog["tensors"]
     assert set(table) == set(state) and table["bf16"] == {"shape": [7], "dtype": "bfloat16"}
     for rec in records:
         with open(os.path.join(workdir, rec.name), "rb") as f:

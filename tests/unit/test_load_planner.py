@@ -1,13 +1,21 @@
-"""The load planner's shortcut for plain tensors stored whole (``distckpt/dcp/safe.py``): the
+"""What makes a restore of many small tensors cheap, checked against DCP's own results.
+
+The load planner's shortcut for plain tensors stored whole (``distckpt/dcp/safe.py``): the
 plan it makes is the plan DCP's default planner makes, item for item; what it cannot plan
 in one step (a resharded tensor, a partial load) goes to DCP's rules, mismatches included;
-and the restore that uses it reads through DCP's own machinery bit-exact."""
+and the restore that uses it reads through DCP's own machinery bit-exact. DCP's metadata as
+JSON (``distckpt/dcp/index.py``): it turns back into equal ``Metadata``."""
+
+import json
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
+from distckpt import CorruptCheckpointError
+from distckpt.dcp.index import from_json, to_json
 from distckpt.dcp.safe import SafeLoadPlanner, _whole_chunk
 
 
@@ -79,3 +87,41 @@ def test_dcp_load_with_the_planner_is_bit_exact(tmp_path):
     dcp.load(target, checkpoint_id=str(tmp_path), planner=SafeLoadPlanner(), no_dist=True)
     for k, v in STATE.items():
         assert torch.equal(target[k], v), k
+
+
+# --- DCP's metadata as JSON (distckpt/dcp/index.py) ---------------------------------------
+
+
+def _same(a, b):
+    """Metadata equality, index hints included (MetadataIndex.index takes no part in ==)."""
+    assert a.state_dict_metadata == b.state_dict_metadata
+    assert a.planner_data == b.planner_data and a.version == b.version
+    assert list(a.storage_data.items()) == list(b.storage_data.items())
+    assert [k.index for k in a.storage_data] == [k.index for k in b.storage_data]
+
+
+def test_the_json_index_gives_back_equal_metadata(tmp_path):
+    state = dict(STATE, grad=torch.nn.Parameter(torch.randn(3, 2)), cl=torch.randn(2, 3, 4, 5))
+    md = _saved(tmp_path, state)
+    data = json.loads(json.dumps(to_json(md)))  # as state.json holds it
+    _same(from_json(data, "x"), md)
+    # resharded layouts: a tensor stored as several chunks, in two files
+    tsm = md.state_dict_metadata["w"]
+    chunk, first = type(tsm.chunks[0]), next(k for k in md.storage_data if k.fqn == "w")
+    tsm.chunks = [chunk(torch.Size([0, 0]), torch.Size([2, 3])), chunk(torch.Size([2, 0]), torch.Size([2, 3]))]
+    info = md.storage_data.pop(first)
+    md.storage_data[MetadataIndex("w", torch.Size([0, 0]), 0)] = info
+    md.storage_data[MetadataIndex("w", torch.Size([2, 0]), 1)] = type(info)("__1_0.distcp", 64, info.length // 2)
+    _same(from_json(json.loads(json.dumps(to_json(md))), "x"), md)
+
+
+def test_what_the_json_index_cannot_express_keeps_the_pickle(tmp_path):
+    md = _saved(tmp_path, {"t": torch.zeros(2), "extra": {"nested": 1}})  # a pickled (bytes) item
+    assert to_json(md) is None
+
+
+def test_a_damaged_json_index_is_a_clear_error():
+    with pytest.raises(CorruptCheckpointError, match="tensor index in state.json is unreadable"):
+        from_json({"format": 1, "tensors": [["w", 0]]}, "step_000000000002")
+    with pytest.raises(CorruptCheckpointError, match="this distckpt reads 1"):
+        from_json({"format": 99}, "step_000000000002")
