@@ -318,15 +318,20 @@ def targets(results: dict[str, Any]) -> list[str]:
 def _restore_and_memory_targets(
     results: dict[str, Any], summ: dict[str, Any], ours: dict[str, Any], check: Any
 ) -> None:
+    ran = results["methods"]["distckpt async"]
+    ran = ran["rounds"][-1] if "rounds" in ran else ran
     dl = summ.get("dcp.save", {}).get("restore")
     if dl:
+        # what the machine allows: reading the state's bytes from the page cache into memory
+        # of their own, on as many threads as the run uses (same round, median of rounds)
+        ceiling = max((v for k, v in results.get("ceilings", {}).items() if k.startswith("page_cache_read")), default=0)
+        nbytes = ran.get("state_bytes", 0)
+        limit = f"; the page-cache read ceiling allows {dl * ceiling * 1e9 / nbytes:.1f}x" if ceiling and nbytes else ""
         check(
             "restore >= 5x faster than dcp.load",
             dl / ours["restore"] >= 5,
-            f"{dl / ours['restore']:.1f}x ({ours['restore']:.2f}s vs {dl:.2f}s)",
+            f"{dl / ours['restore']:.1f}x ({ours['restore']:.2f}s vs {dl:.2f}s){limit}",
         )
-    ran = results["methods"]["distckpt async"]
-    ran = ran["rounds"][-1] if "rounds" in ran else ran
     staging = ran.get("staging_bytes", 0) / ran["state_bytes"]
     check("staging memory <= 1.1x the state", staging <= 1.1, f"{staging:.3f}x")
 

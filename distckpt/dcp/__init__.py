@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from ..arena import local_part
 from ..errors import CheckpointError, CorruptCheckpointError
+from ..gc_paused import gc_paused
 from ..layout.catalog import DCP_METADATA
 from ..layout.manifest import FileRecord, checksum_stream
 from ..storage import Storage
@@ -72,13 +73,13 @@ def write_items(
         return _write_planned(cache, tensors, storage, workdir, rank)
     writer = FastWriter(storage, workdir, threads)
     try:
-        with unwrap_dcp_errors(f"writing {workdir}", CheckpointError):
+        with unwrap_dcp_errors(f"writing {workdir}", CheckpointError), gc_paused():
             md = _dcp_save(tensors, writer, group)
+            table = _catalog(md) if rank == 0 else {}
     except CheckpointError as e:
         if writer.recorder.os_errors:  # the real cause, which torch's writer turned into a RuntimeError
             raise writer.recorder.os_errors[0] from e
         raise
-    table = _catalog(md) if rank == 0 else {}
     if cache is not None:
         metadata = storage.read_bytes(storage.join(workdir, DCP_METADATA)) if rank == 0 else None
         cache.plan = Plan(key, writer.layout, metadata, table, writer.placed)
@@ -149,9 +150,9 @@ def read_items(
         reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, node_local=node_local)
     else:
         reader = StorageReader(storage, stepdir)
-    if metadata is not None:
-        reader.known_metadata = from_json(metadata, stepdir)
-    with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError):
+    with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError), gc_paused():
+        if metadata is not None:
+            reader.known_metadata = from_json(metadata, stepdir)
         _dcp_load(tensors, reader, SafeLoadPlanner(), group)
     return getattr(reader, "counter", ReadCounter())
 

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ..arena import Arena, local_part, shared_arenas
+from ..gc_paused import gc_resumed
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
 from .write_child import ALIGN_MIN, BLOCK, GAP, write_direct, write_parts
@@ -147,7 +148,8 @@ class FastWriter(StorageWriter):
         if any(item.type == WriteItemType.BYTE_IO for item in plan.items):
             raise ValueError("distckpt hands DCP tensors only; a non-tensor value reached the writer")
         files = [(name, [planner.resolve_data(item) for item in items]) for name, items in jobs]
-        placed = write_files(self.fs, self.path, files)
+        with gc_resumed():  # the data: long, few objects, training may be running beside it
+            placed = write_files(self.fs, self.path, files)
         self.placed = placed
         results = []
         for (name, items), spans in zip(jobs, placed, strict=True):
