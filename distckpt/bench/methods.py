@@ -120,10 +120,18 @@ def run_torch_save(state, workdir, repeats, threads, device, rss):
 
 
 def _dcp_restore(state, ckpt_dir, device):
-    target = zeros_like(state)
-    _sync(device)
-    t, _ = _timed(lambda: (dcp.load(target, checkpoint_id=ckpt_dir, no_dist=True), _sync(device)))
-    return t, bit_exact(target, state)
+    """(warm, cold, bit-exact): ``dcp.load`` from the page cache, then with the step's files
+    evicted from it."""
+    times, ok = [], True
+    for cold in (False, True):
+        if cold:
+            _evict(ckpt_dir)
+        target = zeros_like(state)
+        _sync(device)
+        t, _ = _timed(lambda t=target: (dcp.load(t, checkpoint_id=ckpt_dir, no_dist=True), _sync(device)))
+        times.append(t)
+        ok = ok and bit_exact(target, state)
+    return times[0], times[1], ok
 
 
 def run_dcp_save(state, workdir, repeats, threads, device, rss, writer_threads=1):
@@ -135,8 +143,8 @@ def run_dcp_save(state, workdir, repeats, threads, device, rss, writer_threads=1
         saves.append({"stall": t, "total": t})
         _drop_previous(workdir, i)
     peak = rss.mark()
-    restore, ok = _dcp_restore(state, ckpt_dir, device)
-    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "bit_exact": ok}
+    restore, cold, ok = _dcp_restore(state, ckpt_dir, device)
+    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "restore_cold": cold, "bit_exact": ok}
 
 
 def run_dcp_async(state, workdir, repeats, threads, device, rss, variant="default"):
@@ -167,8 +175,8 @@ def run_dcp_async(state, workdir, repeats, threads, device, rss, variant="defaul
         saves.append({"stall": stall, "total": time.perf_counter() - t0})
         _drop_previous(workdir, i)
     peak = rss.mark()
-    restore, ok = _dcp_restore(state, ckpt_dir, device)
-    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "bit_exact": ok}
+    restore, cold, ok = _dcp_restore(state, ckpt_dir, device)
+    return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "restore_cold": cold, "bit_exact": ok}
 
 
 def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True, stager="auto", at_once=False):
@@ -201,12 +209,14 @@ def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True,
         "save_peak_host_bytes": peak,
     }
     _warm(root)  # written with O_DIRECT, the files are not in the page cache: the column is a warm read
-    for verify in (False, True):
+    for key, verify in (("restore", False), ("restore_verified", True), ("restore_cold", True)):
+        if key == "restore_cold":
+            _evict(root)
         target = zeros_like(state)
         _sync(device)
         reader = distckpt.Checkpointer(root, {"state": target}, stager="direct")
         t, _ = _timed(lambda r=reader, v=verify: (r.restore(verify=v), _sync(device)))
-        out["restore_verified" if verify else "restore"] = t
+        out[key] = t
         out["bit_exact"] = out.get("bit_exact", True) and bit_exact(target, state)
         reader.close()
     return out
@@ -219,6 +229,23 @@ def _warm(root: str) -> None:
             with open(os.path.join(folder, name), "rb", buffering=0) as f:
                 while f.read(16 << 20):
                     pass
+
+
+def _evict(root: str) -> None:
+    """Drop every file under ``root`` from the page cache (``_evict_files``)."""
+    _evict_files([os.path.join(folder, n) for folder, _, names in os.walk(root) for n in names])
+
+
+def _evict_files(paths: list[str]) -> None:
+    """Drop the files' pages (clean once fsynced) from the page cache, so that the next
+    read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _drop_previous(workdir: str, i: int) -> None:
@@ -269,14 +296,17 @@ def ceilings(state, workdir, threads, device) -> dict[str, float]:
     disk_bytes = min(nbytes, int(4 * GB))
     _disk(workdir, disk_bytes, threads, pool)  # warm-up: file system metadata, writeback threads
     for n in sorted({1, threads}):  # the fastest of two tries per thread count
-        write_s, read_s = min(_disk(workdir, disk_bytes, n, pool) for _ in range(2))
+        write_s, read_s, cold_s = min(_disk(workdir, disk_bytes, n, pool) for _ in range(2))
         out[f"disk_write_fsync_gbps_t{n}"] = disk_bytes / write_s / GB
         out[f"page_cache_read_gbps_t{n}"] = disk_bytes / read_s / GB
+        out[f"disk_read_gbps_t{n}"] = disk_bytes / cold_s / GB
     out["disk_write_fsync_gbps"] = max(v for k, v in out.items() if k.startswith("disk_write"))
     return out
 
 
-def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, float]:
+def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, float, float]:
+    """(write+fsync, read from the page cache, read from the disk) seconds for ``total``
+    bytes over ``n`` threads, each thread its own file."""
     chunk = 16 << 20
     src = memoryview(pool[: min(chunk, pool.numel())].numpy())
     per = total // n
@@ -302,9 +332,11 @@ def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, 
 
     write_s = _parallel(write, paths)
     read_s = _parallel(read, paths)
+    _evict_files(paths)  # and again from the disk
+    cold_s = _parallel(read, paths)
     for p in paths:
         os.remove(p)
-    return write_s, read_s
+    return write_s, read_s, cold_s
 
 
 def _parallel(fn: Callable[[str], None], paths: list[str]) -> float:

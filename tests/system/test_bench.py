@@ -41,11 +41,14 @@ def test_save_bench_smoke_on_cpu(tmp_path):
             assert r["disk_ceiling_gbps"] > 0, name  # the ceiling of the same round, for the ratio
     ours = methods["distckpt async"]["rounds"][0]
     assert ours["staging_bytes"] >= ours["state_bytes"] and ours["restore_verified"] > 0
+    assert ours["restore_cold"] > 0 and methods["dcp.save"]["rounds"][0]["restore_cold"] > 0  # files evicted first
     ceilings = results["ceilings"]
+    assert ceilings["disk_read_gbps_t2"] > 0 and ceilings["page_cache_read_gbps_t2"] > 0
     lo, hi = ceilings["disk_write_fsync_gbps_range"]
     assert len(ceilings["rounds"]) == 2 and 0 < lo <= ceilings["disk_write_fsync_gbps"] <= hi
     assert ceilings["stage_gbps"] > 0
     assert "x disk ceiling" in proc.stdout and "first save's stall" in proc.stdout
+    assert "cold restore >= 0.9x the disk's read ceiling" in proc.stdout
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best competitor" in proc.stdout and "distckpt async" in proc.stdout
 
