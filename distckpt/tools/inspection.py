@@ -16,7 +16,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from ..dcp import DCP_METADATA, load_dcp_metadata
+from ..dcp import DCP_METADATA, METADATA_KEY, load_dcp_metadata
+from ..dcp.index import from_json
 from ..layout.catalog import Catalog, CheckpointInfo
 from ..layout.manifest import Manifest
 from ..tree import TENSOR, dtype_from_name, join, tensor_refs
@@ -105,7 +106,7 @@ def step_contents(catalog: Catalog, step: int) -> StepContents:
     objects and bytes per recoverable of committed ``step``."""
     man = catalog.read_manifest(step)
     state = catalog.read_state(step, man)
-    chunks = _chunks_by_fqn(dcp_metadata(catalog, step, man), man)
+    chunks = _chunks_by_fqn(dcp_metadata(catalog, step, man, state), man)
     table = state.get("tensors", {})
     tensors = []
     for fqn in saved_order(state):
@@ -125,8 +126,11 @@ def step_contents(catalog: Catalog, step: int) -> StepContents:
     return StepContents(catalog.info(man), tensors, objects, sizes, files, dict(man.versions))
 
 
-def dcp_metadata(catalog: Catalog, step: int, man: Manifest) -> Metadata | None:
-    """DCP's ``.metadata``, size- and checksum-checked, through the restricted unpickler."""
+def dcp_metadata(catalog: Catalog, step: int, man: Manifest, state: dict[str, Any]) -> Metadata | None:
+    """DCP's metadata: from its JSON copy in ``state.json``, else ``.metadata``, size- and
+    checksum-checked, through the restricted unpickler (steps written before the copy)."""
+    if METADATA_KEY in state:
+        return from_json(state[METADATA_KEY], catalog.step_path(step))
     if DCP_METADATA not in man.files:
         return None
     data = catalog.read_checked(step, man, DCP_METADATA)

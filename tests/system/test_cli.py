@@ -123,15 +123,27 @@ def test_inspect_reports_tensors_sharding_and_objects_from_metadata_alone(ckpt, 
     assert "r0[0:10,:] r1[10:20,:]" in table.stdout and "cfg.name" in table.stdout
 
 
+def _doctor(stepdir, name, data):
+    open(os.path.join(stepdir, name), "wb").write(data)
+    man_path = os.path.join(stepdir, "manifest.json")
+    man = json.load(open(man_path))  # the attacker fixes the manifest up too
+    man["files"][name].update(size=len(data), checksum=checksum_bytes(data))
+    json.dump(man, open(man_path, "w"))
+
+
 def test_inspect_never_unpickles_a_doctored_metadata_file(local, tmp_path):
     url = _clone(local, tmp_path)
     stepdir = os.path.join(url, STEP)
-    evil = pickle.dumps(_Boom(str(tmp_path / "PWNED")))
-    open(os.path.join(stepdir, ".metadata"), "wb").write(evil)
-    man_path = os.path.join(stepdir, "manifest.json")
-    man = json.load(open(man_path))  # the attacker fixes the manifest up too
-    man["files"][".metadata"].update(size=len(evil), checksum=checksum_bytes(evil))
-    json.dump(man, open(man_path, "w"))
+    _doctor(stepdir, ".metadata", pickle.dumps(_Boom(str(tmp_path / "PWNED"))))
+    # DCP's metadata comes from its JSON copy in state.json: the pickle is never opened
+    proc = cli("inspect", url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    w = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}["model.0.weight"]
+    assert sorted(c["rank"] for c in w["chunks"]) == [0, 1]
+    # a step without the copy (written before it existed): the restricted unpickler refuses
+    state = json.load(open(os.path.join(stepdir, "state.json")))
+    del state["dcp_metadata"]
+    _doctor(stepdir, "state.json", json.dumps(state).encode())
     line = one_line_error(cli("inspect", url))
     assert "refusing to load" in line or "not allowed" in line
     assert not (tmp_path / "PWNED").exists()
