@@ -54,6 +54,9 @@ from .writer import frame
 
 _DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
+# small items and frames are read into this buffer and copied to their places from there: small
+# enough to stay in the CPU's cache between the read and the copy (32 MB: 1.5x slower restores)
+_SCRATCH = 1 << 20
 
 
 @dataclasses.dataclass
@@ -296,7 +299,7 @@ class SharedReader(StorageReader):
             t.join()
 
     def _solo_files(self, names: list[str], files: dict[str, _File], errors: list[BaseException]) -> None:
-        scratch = memoryview(bytearray(min(CHUNK, max((self._size(n) for n in names), default=1))))
+        scratch = memoryview(bytearray(min(_SCRATCH, max((self._size(n) for n in names), default=1))))
         for name in names:
             try:
                 self._solo_file(name, files[name], scratch)
