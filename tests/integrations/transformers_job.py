@@ -94,6 +94,8 @@ def main() -> None:
             digest.update(name.encode() + t.detach().numpy().tobytes())
         best = os.path.basename(trainer.state.best_model_checkpoint or "")
         print(f"final global_step={trainer.state.global_step} best={best} params_sha256={digest.hexdigest()}")
+    if torch.distributed.is_initialized():  # not left to the interpreter's exit (see lightning_job.py)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
