@@ -326,8 +326,9 @@ def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, 
         # into memory of its own, as a restore reads into the state's tensors (a small
         # reused buffer would stay in the CPU's cache and flatter the ceiling)
         at = paths.index(path) * per
+        end = at + per
         with open(path, "rb", buffering=0) as f:
-            while at < (paths.index(path) + 1) * per and (n := f.readinto(dest[at : at + chunk])):
+            while at < end and (n := f.readinto(dest[at : min(at + chunk, end)])):
                 at += n
 
     write_s = _parallel(write, paths)

@@ -1,5 +1,5 @@
 """Real faults for tests: an HTTP proxy in front of the S3 server that fails or drops requests,
-and a small filesystem that really fills up.
+a small filesystem that really fills up, and a step file doctored on disk (``doctor``).
 
 ``FaultProxy`` (an ``S3Proxy``) forwards every request to the real S3 server (moto) unchanged, except the
 ones a rule selects: those get a real S3 error response (``500 InternalError``,
@@ -82,3 +82,20 @@ class SmallDisk:
 
     def close(self) -> None:
         subprocess.run(["umount", "-l", self.path], check=False, capture_output=True)
+
+
+def doctor(stepdir: str, name: str, data: bytes) -> None:
+    """Replace a committed step's file and fix up its manifest to match, as an attacker would:
+    only what distckpt does with the file's content stands in the way."""
+    import json
+
+    from distckpt.layout.manifest import checksum_bytes
+
+    with open(os.path.join(stepdir, name), "wb") as f:
+        f.write(data)
+    man_path = os.path.join(stepdir, "manifest.json")
+    with open(man_path) as f:
+        man = json.load(f)
+    man["files"][name].update(size=len(data), checksum=checksum_bytes(data))
+    with open(man_path, "w") as f:
+        json.dump(man, f)

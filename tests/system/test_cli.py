@@ -14,8 +14,8 @@ import safetensors.torch
 import torch
 
 import distckpt
-from distckpt.layout.manifest import checksum_bytes
 from tests.support.cli_jobs import VAL_LOSS, WIDTH, Store, cli, fsdp_job, one_line_error, shared_checkpoints
+from tests.support.faults import doctor
 from tests.support.harness import run_ranks
 from tests.support.models import make_model, tensors_equal
 
@@ -123,18 +123,10 @@ def test_inspect_reports_tensors_sharding_and_objects_from_metadata_alone(ckpt, 
     assert "r0[0:10,:] r1[10:20,:]" in table.stdout and "cfg.name" in table.stdout
 
 
-def _doctor(stepdir, name, data):
-    open(os.path.join(stepdir, name), "wb").write(data)
-    man_path = os.path.join(stepdir, "manifest.json")
-    man = json.load(open(man_path))  # the attacker fixes the manifest up too
-    man["files"][name].update(size=len(data), checksum=checksum_bytes(data))
-    json.dump(man, open(man_path, "w"))
-
-
 def test_inspect_never_unpickles_a_doctored_metadata_file(local, tmp_path):
     url = _clone(local, tmp_path)
     stepdir = os.path.join(url, STEP)
-    _doctor(stepdir, ".metadata", pickle.dumps(_Boom(str(tmp_path / "PWNED"))))
+    doctor(stepdir, ".metadata", pickle.dumps(_Boom(str(tmp_path / "PWNED"))))
     # DCP's metadata comes from its JSON copy in state.json: the pickle is never opened
     proc = cli("inspect", url, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -143,7 +135,7 @@ def test_inspect_never_unpickles_a_doctored_metadata_file(local, tmp_path):
     # a step without the copy (written before it existed): the restricted unpickler refuses
     state = json.load(open(os.path.join(stepdir, "state.json")))
     del state["dcp_metadata"]
-    _doctor(stepdir, "state.json", json.dumps(state).encode())
+    doctor(stepdir, "state.json", json.dumps(state).encode())
     line = one_line_error(cli("inspect", url))
     assert "refusing to load" in line or "not allowed" in line
     assert not (tmp_path / "PWNED").exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distckpt import Checkpointer, CorruptCheckpointError, DistckptError
-from distckpt.layout.manifest import checksum_bytes
+from tests.support.faults import doctor
 
 
 def _two_steps(root):
@@ -103,20 +103,11 @@ class _Boom:
         return (os.system, ("touch PWNED",))
 
 
-def _doctor(stepdir, name, data):
-    """Replace a step's file and fix up the manifest to match, as an attacker would."""
-    open(os.path.join(stepdir, name), "wb").write(data)
-    man_path = os.path.join(stepdir, "manifest.json")
-    man = json.load(open(man_path))
-    man["files"][name].update(size=len(data), checksum=checksum_bytes(data))
-    json.dump(man, open(man_path, "w"))
-
-
 @pytest.mark.parametrize("index", [True, False], ids=["json-index", "older-step-without-index"])
 def test_a_doctored_metadata_pickle_is_never_executed(root, tmp_path, monkeypatch, index):
     monkeypatch.chdir(tmp_path)
     stepdir = _two_steps(root)
-    _doctor(stepdir, ".metadata", pickle.dumps(_Boom()))  # only the unpickler stands in the way
+    doctor(stepdir, ".metadata", pickle.dumps(_Boom()))  # only the unpickler stands in the way
     if index:
         # distckpt's restore reads DCP's metadata from state.json's JSON index: the pickle
         # is never opened, and the step restores bit-exact
@@ -127,7 +118,7 @@ def test_a_doctored_metadata_pickle_is_never_executed(root, tmp_path, monkeypatc
         state_path = os.path.join(stepdir, "state.json")
         state = json.load(open(state_path))
         del state["dcp_metadata"]
-        _doctor(stepdir, "state.json", json.dumps(state).encode())
+        doctor(stepdir, "state.json", json.dumps(state).encode())
         with pytest.raises(CorruptCheckpointError, match="refusing to load posix.system|not allowed"):
             _restore(root, step=2)
     assert not os.path.exists(tmp_path / "PWNED")
