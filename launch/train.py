@@ -29,6 +29,7 @@ if __name__ == "__main__":
         signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 import argparse  # noqa: E402 - after the early handlers on purpose
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -171,8 +172,18 @@ def main(argv: list[str] | None = None) -> None:
         if _EARLY_SIGNALS:
             raise SystemExit(128 + _EARLY_SIGNALS[0])
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    train(args, preemption)
+    dist.barrier()
+    # The DDP model is gone once train() returns, so the process group is freed here, by
+    # destroy_process_group with the GIL released. Freed last by the DDP wrapper (which
+    # holds the GIL), it can deadlock with a gloo thread that waits for the GIL
+    # (pytorch/pytorch#56297; seen with transformers' Trainer).
+    gc.collect()
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, preemption: distckpt.Preemption | None) -> None:
+    rank = dist.get_rank()
     data = make_data()
     sampler = distckpt.ResumableSampler(data, shuffle=True, seed=0, drop_last=True)
     # A DataLoader draws a seed for every new iterator from the global RNG unless given its
@@ -244,8 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         say(f"state sha256={digest} ({parts})")
         say(f"final step={step} params_sha256={params_sha256(model.module)}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ resumes with Lightning's own ``trainer.fit(model, ckpt_path="last")`` and prints
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import time
@@ -61,6 +62,17 @@ def data() -> TensorDataset:
 
 
 def main() -> None:
+    fit()
+    # Lightning leaves the gloo group up. Torn down at the interpreter's exit, its threads can
+    # abort a rank ("terminate called without an active exception", seen once in CI); freed
+    # last by the DDP wrapper, which holds the GIL, it can deadlock (pytorch/pytorch#56297).
+    # The trainer and its DDP model are gone once fit() returns: the group is freed here.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def fit() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
     p.add_argument("--io", choices=["distckpt", "torch"], default="distckpt")
@@ -99,10 +111,6 @@ def main() -> None:
         print(
             f"final epoch={trainer.current_epoch} global_step={trainer.global_step} params_sha256={digest.hexdigest()}"
         )
-    # Lightning leaves the gloo group up; torn down by the interpreter's exit, its threads
-    # can abort a rank ("terminate called without an active exception", seen once in CI)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Saves every 5 steps (``save_total_limit=2``), evaluates every 5 (best model by e
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import time
@@ -54,6 +55,17 @@ class Pace(TrainerCallback):
 
 
 def main() -> None:
+    train()
+    # torch's gloo teardown can deadlock (pytorch/pytorch#56297, seen here in CI): the DDP
+    # wrapper, freed last, frees the group holding the GIL while a gloo thread waits for the
+    # GIL to free a finished collective's tensors. The trainer and its DDP model are gone once
+    # train() returns; destroy_process_group then frees the group with the GIL released.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def train() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("dir")
     p.add_argument("--trainer", choices=["distckpt", "hf"], default="distckpt")
@@ -94,8 +106,6 @@ def main() -> None:
             digest.update(name.encode() + t.detach().numpy().tobytes())
         best = os.path.basename(trainer.state.best_model_checkpoint or "")
         print(f"final global_step={trainer.state.global_step} best={best} params_sha256={digest.hexdigest()}")
-    if torch.distributed.is_initialized():  # not left to the interpreter's exit (see lightning_job.py)
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
