@@ -16,6 +16,8 @@ waiting ``settle_seconds()`` and reading it back: of two jobs that start at the 
 the one whose write landed last sees its own document and holds the root; the other sees
 it and is refused. The race window is a write that takes longer than the settle time to
 land; a job that lost a race it did not notice is fenced at its first commit (``check``).
+A store that does not replace an object whole (s3rver writes it in place) can tear two
+writes into an unreadable lease: then both jobs are refused, saying so.
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ class Lease:
         self.storage.write_bytes(self.path, data)
         time.sleep(settle_seconds())
         now = self._read()
+        if not now:  # on S3 or MinIO a PUT replaces an object whole: never seen there
+            raise DistckptError(
+                f"{self.path} is missing or unreadable right after this job wrote it: another job wrote it "
+                f"at the same moment and {self.storage.url} does not replace objects whole, so neither job "
+                "holds the root. Start one job again"
+            )
         if now.get("nonce") != self.nonce:
             raise DistckptError(
                 f"another job took {self.storage.url} at the same moment ({now.get('job', 'unknown')}); "

@@ -53,8 +53,24 @@ def test_a_second_job_is_refused_while_the_first_holds_the_root(store):
     assert not storage.exists(storage.join(storage.root, LOCK))
 
 
-def test_two_jobs_starting_at_once_end_with_exactly_one_holder(store):
-    _, storage = store
+@pytest.fixture(params=[*S3_SERVERS, "posix-settle"])
+def racing_store(request, tmp_path):
+    """The two ways a lease is taken: an exclusive create (moto, local disk), and write,
+    settle and read back (s3rver; local disk made to take that path: a store whose writes
+    replace a file whole, as S3 and MinIO do, but which ignores exclusive creates)."""
+    if request.param == "posix-settle":
+        (tmp_path / "run").mkdir()
+        storage = open_storage(str(tmp_path / "run"))
+        guarantees._cache[storage.url] = False  # the probe's answer for this root
+        yield request.param, storage
+        guarantees._cache.pop(storage.url, None)
+    else:
+        url, options = s3_bucket(request, request.param)
+        yield request.param, open_storage(url, options)
+
+
+def test_jobs_starting_at_once_end_with_exactly_one_holder(racing_store):
+    server, storage = racing_store
     leases = [_lease(storage, f"job-{i}") for i in range(3)]
     outcome = {}
 
@@ -71,6 +87,12 @@ def test_two_jobs_starting_at_once_end_with_exactly_one_holder(store):
     for t in threads:
         t.join()
     holders = [who for who, what in outcome.items() if what == "holds"]
+    if server == "s3rver" and not holders:
+        # s3rver writes an object in place: concurrent PUTs can tear it (seen in CI under
+        # load). Nobody may hold the root then, and the job that read the torn lease says why.
+        assert any("does not replace objects whole" in what for what in outcome.values()), outcome
+        assert all("another job" in what or "unreadable" in what for what in outcome.values()), outcome
+        return
     assert len(holders) == 1, outcome
     assert all("another job" in what for what in outcome.values() if what != "holds")
     winner = next(lease for lease in leases if lease.identity == holders[0])
