@@ -17,7 +17,8 @@ frames every tensor the same way (``writer.frame``), so its data starts right af
 head that depends only on its dtype and shape; the head's bytes are compared as they stream
 by, and an item whose head differs (a checkpoint from another writer or torch) is read
 again through DCP's own item loop, never taken on trust. Large items of a file read by one
-rank land straight in their destination tensors (no copy).
+rank land straight in their destination tensors (no copy), and so does a chunk received
+from another rank that lies inside one item's data.
 
 On a node-local tier (``NodeLocal``: each node holds only some files, e.g. in ``/dev/shm``)
 the trade-off is the other way round: reading a node's memory is cheap and the network is
@@ -66,7 +67,8 @@ class ReadCounter:
     bytes: int = 0
     reads: int = 0
     files: int = 0
-    broadcast_bytes: int = 0
+    broadcast_bytes: int = 0  #: bytes received from other ranks
+    in_place: int = 0  #: of those, received straight into their tensors (no copy)
 
 
 @dataclasses.dataclass
@@ -129,6 +131,20 @@ class _File:
             if item.end <= end and i == self._next:
                 self._next += 1
             i += 1
+
+    def landing(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
+        """Where bytes ``[start, end)`` of the file may be received straight into place: the
+        destination of the one item whose data holds them all, its frame head seen and as
+        expected (the head comes first in the file, so it has been fed by then)."""
+        i = self._next
+        while i < len(self.items) and self.items[i].head_at < end:
+            item = self.items[i]
+            if item.start <= start and end <= item.end:
+                if item.dst is None or bytes(item.seen_head) != item.head:
+                    return None
+                return item, torch.from_numpy(item.dst[start - item.start : end - item.start])
+            i += 1
+        return None
 
 
 class SharedReader(StorageReader):
@@ -352,6 +368,10 @@ class SharedReader(StorageReader):
             for c in shared:
                 full = ready.get() if c.src == rank else recv
                 buf = full[: c.end - c.start]
+                # a chunk inside one item's data is received straight into its tensor (no copy)
+                landing = files[c.name].landing(c.start, c.end) if c.src != rank and c.name in files else None
+                if landing is not None:
+                    buf = landing[1]
                 if c.to is None:  # everyone: a broadcast
                     dist.broadcast(buf, src=dist.get_global_rank(self.group, c.src), group=self.group)
                 elif c.src == rank:
@@ -362,7 +382,11 @@ class SharedReader(StorageReader):
                 if c.src != rank:
                     with self._lock:
                         self.counter.broadcast_bytes += c.end - c.start
-                if c.name in files:
+                if landing is not None:
+                    landing[0].got += c.end - c.start
+                    with self._lock:
+                        self.counter.in_place += c.end - c.start
+                elif c.name in files:
                     files[c.name].feed(c.start, memoryview(buf.numpy()))
                 if c.src == rank:
                     free.put(full)

@@ -14,6 +14,7 @@ import s3fs
 import torch
 
 from distckpt import Checkpointer
+from distckpt.dcp.read_schedule import CHUNK
 from tests.support.faults import FaultProxy
 from tests.support.harness import run_ranks
 
@@ -115,3 +116,52 @@ def test_damage_found_mid_load_makes_every_rank_fall_back_together(tmp_path):
     for step, _, _, _, state in results:
         assert step == 1  # every rank, together
         assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+BIG = {"big": 20_000_000, "small": 1000}  # 80 MB: chunks (read_schedule.CHUNK) that lie inside its data
+
+
+def _big(step):
+    g = torch.Generator().manual_seed(step)
+    return {k: torch.randn(n, generator=g) for k, n in BIG.items()}
+
+
+def _save_big(rank, world, root):
+    state = {k: torch.zeros(n) for k, n in BIG.items()}
+    with Checkpointer(root, {"state": state}, mode="chief") as ckpt:
+        for step in (1, 2):
+            for k, v in _big(step).items():
+                state[k].copy_(v)
+            ckpt.save(step).wait()
+
+
+def _restore_big(rank, world, root):
+    state = {k: torch.full((n,), float("nan")) for k, n in BIG.items()}
+    with Checkpointer(root, {"state": state}, mode="chief") as ckpt:
+        info = ckpt.restore()
+        counts = ckpt._parts.restorer.last_read[rank]
+    return info.step, counts.broadcast_bytes, counts.in_place, state
+
+
+def test_chunks_received_inside_a_tensor_land_in_place_and_damage_still_falls_back(tmp_path):
+    root = str(tmp_path / "ckpt")
+    run_ranks(_save_big, 1, root)
+    results = run_ranks(_restore_big, 2, root)
+    want = _big(2)
+    for step, _, _, state in results:
+        assert step == 2 and all(torch.equal(state[k], want[k]) for k in want)
+    # the files are striped: one rank reads the big tensor's file, the other receives it
+    _, received, in_place, _ = max(results, key=lambda r: r[1])
+    assert received >= BIG["big"] * 4 and BIG["big"] * 4 - 2 * CHUNK <= in_place <= received
+
+    # damage inside the big tensor: the receiver got it in place, yet every rank falls back
+    newest = os.path.join(root, f"step_{2:012d}")
+    path = max((os.path.join(newest, f) for f in os.listdir(newest) if f.endswith(".distcp")), key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 4 * 1000 - 4096)  # near the end of the big tensor's data
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    want = _big(1)
+    for step, _, _, state in run_ranks(_restore_big, 2, root):
+        assert step == 1 and all(torch.equal(state[k], want[k]) for k in want)
