@@ -22,6 +22,8 @@ class S3Proxy:
         self.target = (parts.hostname, parts.port)
         self.requests: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
+        self.most_at_once: Counter[str] = Counter()  #: the most requests of a kind in flight together
+        self._in_flight: Counter[str] = Counter()
         self._lock = threading.Lock()
         proxy = self
 
@@ -45,6 +47,7 @@ class S3Proxy:
         with self._lock:
             self.requests.clear()
             self.served.clear()
+            self.most_at_once.clear()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -55,6 +58,17 @@ class S3Proxy:
         return False
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        kind = _kind(h.command, h.path)
+        with self._lock:
+            self._in_flight[kind] += 1
+            self.most_at_once[kind] = max(self.most_at_once[kind], self._in_flight[kind])
+        try:
+            self._forward(h, kind)
+        finally:
+            with self._lock:
+                self._in_flight[kind] -= 1
+
+    def _forward(self, h: BaseHTTPRequestHandler, kind: str) -> None:
         body = _read_body(h)
         if self.intercept(h):
             return
@@ -70,7 +84,6 @@ class S3Proxy:
         }
         respond(h, resp.status, out, data, head=h.command == "HEAD", length=resp.getheader("Content-Length"))
         conn.close()
-        kind = _kind(h.command, h.path)
         with self._lock:
             self.requests[kind] += 1
             self.served[kind] += 0 if h.command == "HEAD" else len(data)

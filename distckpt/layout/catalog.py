@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Container, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptCheckpointError, DistckptError, NoCheckpointError
 from ..gc_paused import gc_paused
 from ..log import log
-from ..storage import Storage
+from ..storage import PosixStorage, Storage
 from .commit import Commit
 from .manifest import (
     MANIFEST,
@@ -32,6 +33,7 @@ from .manifest import (
 )
 
 DCP_METADATA = ".metadata"  # DCP's own index file, one per step
+_ASK_AT_ONCE = 16  # manifests asked for at the same time on an object store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +111,13 @@ class Catalog:
         return sorted(s for s in map(parse_step_dirname, self._names()) if s is not None)
 
     def committed_steps(self) -> list[int]:
-        """Steps whose manifest exists (readable or not), ascending."""
-        return [s for s in self.candidate_steps() if self.is_committed(s)]
+        """Steps whose manifest exists (readable or not), ascending. On an object store the
+        manifests are asked for at once (one round trip, not one per step)."""
+        steps = self.candidate_steps()
+        if len(steps) < 2 or isinstance(self.storage, PosixStorage):
+            return [s for s in steps if self.is_committed(s)]
+        with ThreadPoolExecutor(min(_ASK_AT_ONCE, len(steps)), thread_name_prefix="distckpt-list") as pool:
+            return [s for s, yes in zip(steps, pool.map(self.is_committed, steps), strict=True) if yes]
 
     def is_committed(self, step: int) -> bool:
         return self.storage.exists(self.storage.join(self.step_path(step), MANIFEST))

@@ -4,13 +4,14 @@ a small filesystem that really fills up, and a step file doctored on disk (``doc
 ``FaultProxy`` (an ``S3Proxy``) forwards every request to the real S3 server (moto) unchanged, except the
 ones a rule selects: those get a real S3 error response (``500 InternalError``,
 ``503 SlowDown``) or have their connection dropped, exactly what s3fs/botocore see when an
-S3 endpoint misbehaves or goes away.
+S3 endpoint misbehaves or goes away; or are answered late (``slow``).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -24,6 +25,7 @@ class Rule:
     methods: tuple[str, ...] = ("PUT", "POST")
     status: int = 500  # 0: drop the connection without answering
     remaining: int | None = None  # fail this many times, then pass (None: always)
+    delay: float = 0.0  # > 0: forwarded unchanged after this many seconds (a slow server)
 
 
 class FaultProxy(S3Proxy):
@@ -39,6 +41,11 @@ class FaultProxy(S3Proxy):
     ) -> None:
         with self._lock:
             self.rules.append(Rule(match, methods, status, times))
+
+    def slow(self, match: str, seconds: float, *, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
+        """Requests that ``match`` are answered as usual, ``seconds`` late."""
+        with self._lock:
+            self.rules.append(Rule(match, methods, delay=seconds))
 
     def heal(self) -> None:
         with self._lock:
@@ -56,6 +63,9 @@ class FaultProxy(S3Proxy):
 
     def intercept(self, h: BaseHTTPRequestHandler) -> bool:
         rule = self._pick(h.command, h.path)
+        if rule is not None and rule.delay:
+            time.sleep(rule.delay)
+            return False
         if rule is not None and rule.status == 0:
             h.close_connection = True
             h.connection.close()  # the server "went away" mid-request

@@ -2,15 +2,19 @@
 writer per root and one commit per step, on s3rver as on moto."""
 
 import threading
+import uuid
 
 import pytest
+import s3fs
 
 from distckpt.errors import CommitError, DistckptError
 from distckpt.layout import guarantees
+from distckpt.layout.catalog import Catalog
 from distckpt.layout.commit import commit_for
 from distckpt.layout.lease import LOCK, Lease
 from distckpt.layout.manifest import FileRecord, Manifest, checksum_bytes
 from distckpt.storage import open_storage
+from tests.support.faults import FaultProxy
 from tests.support.s3 import S3_SERVERS, s3_bucket
 
 
@@ -122,3 +126,27 @@ def test_one_step_commits_once_even_where_if_none_match_is_ignored(store):
         commit.finish(*second)
     man = Manifest.from_json(storage.read_bytes(storage.join(first[0], "manifest.json")), "m")
     assert set(man.files) == {"a.distcp"}  # the first commit stands
+
+
+def test_an_object_store_is_asked_for_every_step_s_manifest_at_once(s3_server):
+    # One round trip for the manifests, not one per kept step: restores and listings on S3.
+    proxy = FaultProxy(s3_server["endpoint_url"])
+    try:
+        options = dict(s3_server, endpoint_url=proxy.endpoint)
+        bucket = f"catalog-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(**options).mkdir(bucket)
+        storage = open_storage(f"s3://{bucket}/run", options)
+        commit = commit_for(storage)
+        commit.open_root()
+        for step in (1, 2, 3, 4, 6):
+            workdir = commit.workdir(step, "n")
+            storage.write_bytes(storage.join(workdir, "a.distcp"), b"data")
+            rec = FileRecord("a.distcp", 4, checksum_bytes(b"data"), 0)
+            if step != 3:  # step 3: written, never committed
+                commit.finish(workdir, Manifest(step=step, world_size=1, mode="sharded", files={rec.name: rec}))
+        proxy.slow("manifest.json", 0.3, methods=("HEAD",))  # a distant store
+        proxy.reset()
+        assert Catalog(storage, commit).committed_steps() == [1, 2, 4, 6]
+        assert proxy.most_at_once["HEAD"] >= 2, proxy.requests
+    finally:
+        proxy.close()
