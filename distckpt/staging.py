@@ -21,8 +21,10 @@ the state exceeds the staging memory budget). ``make_stager`` chooses.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import torch
@@ -242,14 +244,97 @@ class DirectStager:
 def _copy_into(
     arena: Arena, tensors: dict[str, torch.Tensor], offsets: dict[str, int], non_blocking: bool
 ) -> dict[str, torch.Tensor]:
-    """Copy every tensor's local data into its slice of ``arena``; returns the slices."""
-    out = {}
+    """Copy every tensor's local data into its slice of ``arena``; returns the slices.
+
+    Host-to-host copies of a big state are spread over ``copy_threads()`` threads: training
+    waits for this copy in any case, and one core's memcpy is well below what the memory
+    can move. Device sources copy in order (the device's copy engine sets the pace)."""
+    out, pairs = {}, []
     for fqn, t in tensors.items():
         local = local_part(t).detach()
         dst = arena.view(offsets[fqn], local)
-        dst.copy_(local, non_blocking=non_blocking and local.is_cuda)
+        if local.is_cuda:
+            dst.copy_(local, non_blocking=non_blocking)
+        else:
+            pairs.append((dst, local))
         out[fqn] = dst
+    copy_parallel(pairs)
     return out
+
+
+def copy_threads() -> int:
+    """Threads a host-to-host staging copy uses: ``DISTCKPT_COPY_THREADS``, else the CPUs
+    this process may run on, at most 4 (memory bandwidth, not cores, is the limit beyond)."""
+    if os.environ.get("DISTCKPT_COPY_THREADS"):
+        return max(1, int(os.environ["DISTCKPT_COPY_THREADS"]))
+    try:
+        cpus = len(os.sched_getaffinity(0))  # a SLURM or cgroup CPU set, not the machine's cores
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
+
+
+_PARALLEL_FROM = 32 << 20  # bytes: below this one thread copies (starting threads costs more)
+_copiers: ThreadPoolExecutor | None = None
+_copiers_lock = threading.Lock()
+
+
+def copy_parallel(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None) -> None:
+    """``dst.copy_(src)`` for every pair, in ``threads`` byte-balanced parts run together
+    (a big contiguous tensor is cut into parts too); torch releases the GIL while it copies."""
+    threads = copy_threads() if threads is None else threads
+    total = sum(d.nbytes for d, _ in pairs)
+    if threads < 2 or total < _PARALLEL_FROM:
+        for dst, src in pairs:
+            dst.copy_(src)
+        return
+    parts = _split(pairs, -(-total // threads))
+    pool = _copy_pool()
+    futures = [pool.submit(_copy_all, part) for part in parts[1:]]
+    try:
+        _copy_all(parts[0])  # this thread takes a part too
+    finally:
+        wait(futures)  # never return (or raise) while a copy still writes
+    for f in futures:
+        f.result()
+
+
+def _split(pairs: list[tuple[torch.Tensor, torch.Tensor]], per: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The pairs in parts of about ``per`` bytes each, in order; plain same-dtype contiguous
+    tensors are cut at part boundaries (as flat views), others go whole into one part."""
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    room = per
+    for dst, src in pairs:
+        if src.dtype != dst.dtype or not src.is_contiguous() or src.numel() < 2:
+            parts[-1].append((dst, src))
+            room -= dst.nbytes
+        else:
+            flat_dst, flat_src, at = dst.view(-1), src.reshape(-1), 0
+            while at < flat_src.numel():
+                take = min(flat_src.numel() - at, max(1, room // src.itemsize))
+                parts[-1].append((flat_dst[at : at + take], flat_src[at : at + take]))
+                at += take
+                room -= take * src.itemsize
+                if room <= 0 and at < flat_src.numel():
+                    parts.append([])
+                    room = per
+        if room <= 0:
+            parts.append([])
+            room = per
+    return [p for p in parts if p]
+
+
+def _copy_all(part: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dst, src in part:
+        dst.copy_(src)
+
+
+def _copy_pool() -> ThreadPoolExecutor:
+    global _copiers
+    with _copiers_lock:
+        if _copiers is None:
+            _copiers = ThreadPoolExecutor(3, thread_name_prefix="distckpt-copy")  # idle threads cost nothing
+        return _copiers
 
 
 def _sync_devices(tensors: dict[str, torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ METHODS = (
     "distckpt async",
     "distckpt async[threads]",
     "distckpt async[buffered]",
+    "distckpt async[1 copy thread]",
 )
 
 
@@ -127,6 +128,7 @@ def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _
         "distckpt async": ours,
         "distckpt async[threads]": ours,  # written by threads of this process (see child())
         "distckpt async[buffered]": ours,  # the writer process, through the page cache (see child())
+        "distckpt async[1 copy thread]": ours,  # the staging copy on the training thread alone (see child())
     }
 
 
@@ -154,6 +156,8 @@ def child(args: argparse.Namespace) -> None:
         os.environ["DISTCKPT_WRITE_PROCESS"] = "0"
     if args.child.endswith("[buffered]"):  # the writer process without O_DIRECT
         os.environ["DISTCKPT_DIRECT_IO"] = "0"
+    if args.child.endswith("[1 copy thread]"):  # the staging copy as before it used threads
+        os.environ["DISTCKPT_COPY_THREADS"] = "1"
     model, optim, x = _model(int(args.size_gb * 1e9))
     for _ in range(3):
         _step(model, optim, x)
@@ -232,11 +236,11 @@ def report(results: dict[str, Any], out: str) -> list[str]:
     lines = [
         f"{results['meta']['size_gb']} GB state, {results['meta']['rounds']} rounds; stall floor (memcpy of the "
         f"state) {floor:.3f}s; step time {statistics.median(s['baseline'] for s in summ.values()):.3f}s",
-        f"{'method':25} {'stall s':>8} {'extra s':>8} {'lost s':>8} {'(min-max)':>14} {'durable s':>10} {'lost/floor':>10}",
+        f"{'method':30} {'stall s':>8} {'extra s':>8} {'lost s':>8} {'(min-max)':>14} {'durable s':>10} {'lost/floor':>10}",
     ]
     for name, s in summ.items():
         lines.append(
-            f"{name:25} {s['stall']:8.3f} {s['extra']:8.3f} {s['lost']:8.3f} "
+            f"{name:30} {s['stall']:8.3f} {s['extra']:8.3f} {s['lost']:8.3f} "
             f"{'(' + format(s['lost_min'], '.2f') + '-' + format(s['lost_max'], '.2f') + ')':>14} "
             f"{s['durable']:10.2f} {s['lost'] / floor:10.1f}x"
         )
