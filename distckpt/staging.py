@@ -305,8 +305,8 @@ def _split(pairs: list[tuple[torch.Tensor, torch.Tensor]], per: int) -> list[lis
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
     room = per
     for dst, src in pairs:
-        if src.dtype != dst.dtype or not src.is_contiguous() or src.numel() < 2:
-            parts[-1].append((dst, src))
+        if dst.nbytes <= room or src.dtype != dst.dtype or not src.is_contiguous() or src.numel() < 2:
+            parts[-1].append((dst, src))  # whole: it fits, or cannot be cut
             room -= dst.nbytes
         else:
             flat_dst, flat_src, at = dst.view(-1), src.reshape(-1), 0
