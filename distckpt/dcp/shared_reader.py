@@ -17,8 +17,8 @@ frames every tensor the same way (``writer.frame``), so its data starts right af
 head that depends only on its dtype and shape; the head's bytes are compared as they stream
 by, and an item whose head differs (a checkpoint from another writer or torch) is read
 again through DCP's own item loop, never taken on trust. Large items of a file read by one
-rank land straight in their destination tensors (no copy), and so does a chunk received
-from another rank that lies inside one item's data.
+rank land straight in their destination tensors (no copy), and so does a chunk of a shared
+file that lies inside one item's data, on the rank that reads it and on those that receive it.
 
 On a node-local tier (``NodeLocal``: each node holds only some files, e.g. in ``/dev/shm``)
 the trade-off is the other way round: reading a node's memory is cheap and the network is
@@ -69,6 +69,7 @@ class ReadCounter:
     files: int = 0
     broadcast_bytes: int = 0  #: bytes received from other ranks
     in_place: int = 0  #: of those, received straight into their tensors (no copy)
+    read_in_place: int = 0  #: bytes of files shared with other ranks read straight into tensors
 
 
 @dataclasses.dataclass
@@ -132,19 +133,25 @@ class _File:
                 self._next += 1
             i += 1
 
-    def landing(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
-        """Where bytes ``[start, end)`` of the file may be received straight into place: the
-        destination of the one item whose data holds them all, its frame head seen and as
-        expected (the head comes first in the file, so it has been fed by then)."""
+    def inside(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
+        """The one item whose data holds bytes ``[start, end)`` of the file, with its
+        destination's view of them; None if there is none or it has no destination."""
         i = self._next
         while i < len(self.items) and self.items[i].head_at < end:
             item = self.items[i]
             if item.start <= start and end <= item.end:
-                if item.dst is None or bytes(item.seen_head) != item.head:
+                if item.dst is None:
                     return None
                 return item, torch.from_numpy(item.dst[start - item.start : end - item.start])
             i += 1
         return None
+
+    def landing(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
+        """Where bytes ``[start, end)`` may be received straight into place: ``inside``, its
+        item's frame head seen and as expected (the head comes first in the file, so it has
+        been fed by then)."""
+        found = self.inside(start, end)
+        return found if found is not None and bytes(found[0].seen_head) == found[0].head else None
 
 
 class SharedReader(StorageReader):
@@ -360,18 +367,22 @@ class SharedReader(StorageReader):
         size = max((c.end - c.start for c in mine), default=0)
         for _ in range(min(_AHEAD, len(mine))):  # reused: fresh pages would cost more than the read
             free.put(torch.empty(size, dtype=torch.uint8))
-        reader = threading.Thread(target=self._produce, args=(mine, free, ready, errors), name="distckpt-read-shared")
+        reader = threading.Thread(
+            target=self._produce, args=(mine, files, free, ready, errors), name="distckpt-read-shared"
+        )
         reader.start()
         recv = torch.empty(min(CHUNK, max((c.end - c.start for c in shared if c.src != rank), default=0)),
                            dtype=torch.uint8)  # fmt: skip
         try:
             for c in shared:
-                full = ready.get() if c.src == rank else recv
-                buf = full[: c.end - c.start]
-                # a chunk inside one item's data is received straight into its tensor (no copy)
-                landing = files[c.name].landing(c.start, c.end) if c.src != rank and c.name in files else None
-                if landing is not None:
-                    buf = landing[1]
+                # a chunk inside one item's data is read (by its reader) or received (by the
+                # others) straight into that item's tensor: no copy through a buffer
+                if c.src == rank:
+                    full, landing = ready.get()
+                    buf = full[: c.end - c.start] if landing is None else landing[1]
+                else:
+                    full, landing = recv, files[c.name].landing(c.start, c.end) if c.name in files else None
+                    buf = recv[: c.end - c.start] if landing is None else landing[1]
                 if c.to is None:  # everyone: a broadcast
                     dist.broadcast(buf, src=dist.get_global_rank(self.group, c.src), group=self.group)
                 elif c.src == rank:
@@ -383,12 +394,15 @@ class SharedReader(StorageReader):
                     with self._lock:
                         self.counter.broadcast_bytes += c.end - c.start
                 if landing is not None:
-                    landing[0].got += c.end - c.start
+                    landing[0].got += c.end - c.start  # the head is checked in _finish, as for all
                     with self._lock:
-                        self.counter.in_place += c.end - c.start
+                        if c.src != rank:
+                            self.counter.in_place += c.end - c.start
+                        else:
+                            self.counter.read_in_place += c.end - c.start
                 elif c.name in files:
                     files[c.name].feed(c.start, memoryview(buf.numpy()))
-                if c.src == rank:
+                if c.src == rank and landing is None:
                     free.put(full)
         finally:
             while reader.is_alive():  # a failed send: let the reader thread finish
@@ -398,16 +412,20 @@ class SharedReader(StorageReader):
     def _produce(
         self,
         chunks: list[Chunk],
+        files: dict[str, _File],
         free: queue.Queue,
         ready: queue.Queue,
         errors: list[BaseException],
     ) -> None:
-        """(reader thread) This rank's chunks, in broadcast order, read ahead into ``ready``."""
+        """(reader thread) This rank's chunks, in broadcast order, read ahead into ``ready``
+        as ``(buffer, None)``, or ``(None, (item, view))`` when read straight into an item's
+        tensor (a chunk inside its data; its frame head is checked with the rest in ``_finish``)."""
         open_files: dict[str, tuple[Any, Checksum | None]] = {}
         failed: set[str] = set()
         last = {c.name: c.end for c in chunks}
         for name, start, end, *_ in chunks:
-            buf = free.get()
+            landing = files[name].inside(start, end) if name in files else None
+            buf = free.get() if landing is None else landing[1]
             view = memoryview(buf[: end - start].numpy())
             if name not in failed:
                 try:
@@ -424,7 +442,7 @@ class SharedReader(StorageReader):
                     buf.zero_()
             else:
                 buf.zero_()
-            ready.put(buf)
+            ready.put((buf, None) if landing is None else (None, landing))
         for f, _ in open_files.values():
             f.close()
 

@@ -140,7 +140,7 @@ def _restore_big(rank, world, root):
     with Checkpointer(root, {"state": state}, mode="chief") as ckpt:
         info = ckpt.restore()
         counts = ckpt._parts.restorer.last_read[rank]
-    return info.step, counts.broadcast_bytes, counts.in_place, state
+    return info.step, counts.broadcast_bytes, counts.in_place, state, counts.read_in_place
 
 
 def test_chunks_received_inside_a_tensor_land_in_place_and_damage_still_falls_back(tmp_path):
@@ -148,11 +148,15 @@ def test_chunks_received_inside_a_tensor_land_in_place_and_damage_still_falls_ba
     run_ranks(_save_big, 1, root)
     results = run_ranks(_restore_big, 2, root)
     want = _big(2)
-    for step, _, _, state in results:
+    for step, _, _, state, _ in results:
         assert step == 2 and all(torch.equal(state[k], want[k]) for k in want)
-    # the files are striped: one rank reads the big tensor's file, the other receives it
-    _, received, in_place, _ = max(results, key=lambda r: r[1])
+    # the files are striped: one rank reads the big tensor's file, the other receives it;
+    # both put the chunks that lie inside the tensor straight into it
+    receiver = max(results, key=lambda r: r[1])
+    reader = min(results, key=lambda r: r[1])
+    received, in_place = receiver[1], receiver[2]
     assert received >= BIG["big"] * 4 and BIG["big"] * 4 - 2 * CHUNK <= in_place <= received
+    assert reader[4] >= BIG["big"] * 4 - 2 * CHUNK
 
     # damage inside the big tensor: the receiver got it in place, yet every rank falls back
     newest = os.path.join(root, f"step_{2:012d}")
@@ -163,5 +167,5 @@ def test_chunks_received_inside_a_tensor_land_in_place_and_damage_still_falls_ba
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     want = _big(1)
-    for step, _, _, state in run_ranks(_restore_big, 2, root):
+    for step, _, _, state, _ in run_ranks(_restore_big, 2, root):
         assert step == 1 and all(torch.equal(state[k], want[k]) for k in want)
