@@ -49,6 +49,7 @@ from torch.futures import Future
 from ..errors import CorruptCheckpointError
 from ..layout.manifest import Checksum, FileRecord
 from ..storage import Storage, read_exactly
+from .file_items import Item, ItemFile
 from .fs import StorageFS, StorageReader
 from .read_schedule import CHUNK, Chunk, schedule
 from .writer import frame
@@ -82,76 +83,6 @@ class NodeLocal:
     holders: dict[str, set[int]]
     paths: dict[str, str]
     given: dict[str, bytes] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class _Item:
-    """One stored item this rank needs: where its frame head and data lie in the file, and
-    where its bytes go."""
-
-    head_at: int
-    head: bytes
-    start: int  # first data byte in the file
-    nbytes: int
-    reqs: list[Any]
-    dst: Any = None  # a uint8 view of the destination when the bytes can land there directly
-    tmp: torch.Tensor | None = None  # else a buffer the item is assembled in, then copied
-    seen_head: bytearray = dataclasses.field(default_factory=bytearray)
-    got: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.start + self.nbytes
-
-    def sink(self) -> Any:
-        if self.dst is None and self.tmp is None:
-            self.tmp = torch.empty(self.nbytes, dtype=torch.uint8)
-        return self.dst if self.dst is not None else self.tmp.numpy()
-
-
-class _File:
-    """The items of one file this rank needs, fed with the file's bytes in order."""
-
-    def __init__(self, items: list[_Item]) -> None:
-        self.items = sorted(items, key=lambda i: i.head_at)
-        self._next = 0  # items before this one are complete
-
-    def feed(self, offset: int, data: memoryview) -> None:
-        """Bytes ``[offset, offset + len(data))`` of the file."""
-        end = offset + len(data)
-        i = self._next
-        while i < len(self.items) and self.items[i].head_at < end:
-            item = self.items[i]
-            a, b = max(offset, item.head_at), min(end, item.start)
-            if a < b and len(item.seen_head) == a - item.head_at:
-                item.seen_head += data[a - offset : b - offset]
-            a, b = max(offset, item.start), min(end, item.end)
-            if a < b:
-                memoryview(item.sink()).cast("B")[a - item.start : b - item.start] = data[a - offset : b - offset]
-                item.got += b - a
-            if item.end <= end and i == self._next:
-                self._next += 1
-            i += 1
-
-    def inside(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
-        """The one item whose data holds bytes ``[start, end)`` of the file, with its
-        destination's view of them; None if there is none or it has no destination."""
-        i = self._next
-        while i < len(self.items) and self.items[i].head_at < end:
-            item = self.items[i]
-            if item.start <= start and end <= item.end:
-                if item.dst is None:
-                    return None
-                return item, torch.from_numpy(item.dst[start - item.start : end - item.start])
-            i += 1
-        return None
-
-    def landing(self, start: int, end: int) -> tuple[_Item, torch.Tensor] | None:
-        """Where bytes ``[start, end)`` may be received straight into place: ``inside``, its
-        item's frame head seen and as expected (the head comes first in the file, so it has
-        been fed by then)."""
-        found = self.inside(start, end)
-        return found if found is not None and bytes(found[0].seen_head) == found[0].head else None
 
 
 class SharedReader(StorageReader):
@@ -189,7 +120,7 @@ class SharedReader(StorageReader):
     # --- the plan ------------------------------------------------------------------------
 
     def read_data(self, plan: Any, planner: Any) -> Future:
-        mine: dict[str, list[_Item]] = defaultdict(list)
+        mine: dict[str, list[Item]] = defaultdict(list)
         rest = []  # items that are not plain tensors: DCP's own item loop
         by_index: dict[Any, list[Any]] = defaultdict(list)
         for req in plan.items:
@@ -200,7 +131,7 @@ class SharedReader(StorageReader):
                 rest += reqs
             else:
                 mine[self.storage_data[index].relative_path].append(item)
-        files = {name: _File(items) for name, items in mine.items()}
+        files = {name: ItemFile(items) for name, items in mine.items()}
         errors = self._read(files)
         slow = [req for f in files.values() for item in f.items if not self._finish(item, planner) for req in item.reqs]
         if errors:
@@ -211,7 +142,7 @@ class SharedReader(StorageReader):
         fut.set_result(None)
         return fut
 
-    def _item(self, index: Any, reqs: list[Any], planner: Any) -> _Item | None:
+    def _item(self, index: Any, reqs: list[Any], planner: Any) -> Item | None:
         spec = self._source_spec(index)
         if spec is None or any(r.type != LoadItemType.TENSOR for r in reqs):
             return None
@@ -221,7 +152,7 @@ class SharedReader(StorageReader):
         nbytes = shape.numel() * dtype.itemsize
         if info.length != len(head) + nbytes + len(tail):
             return None
-        item = _Item(info.offset, head, info.offset + len(head), nbytes, reqs)
+        item = Item(info.offset, head, info.offset + len(head), nbytes, reqs)
         if len(reqs) == 1 and nbytes:
             req = reqs[0]
             target = planner.resolve_tensor(req)
@@ -238,7 +169,7 @@ class SharedReader(StorageReader):
                 return item.properties.dtype, torch.Size(chunk.sizes)
         return None
 
-    def _finish(self, item: _Item, planner: Any) -> bool:
+    def _finish(self, item: Item, planner: Any) -> bool:
         """Move an assembled item into its destinations; False when it must be read by DCP."""
         if bytes(item.seen_head) != item.head or item.got != item.nbytes:
             return False
@@ -255,7 +186,7 @@ class SharedReader(StorageReader):
 
     # --- who reads what ---------------------------------------------------------------------
 
-    def _read(self, files: dict[str, _File]) -> list[BaseException]:
+    def _read(self, files: dict[str, ItemFile]) -> list[BaseException]:
         """Read every file this rank needs; returns the problems found (never raises midway)."""
         sizes = {name: self._size(name) for name in files}
         if self.group is None:
@@ -310,7 +241,7 @@ class SharedReader(StorageReader):
 
     # --- a file only this rank needs: read in order, big items straight into place ---------
 
-    def _read_solo(self, names: list[str], files: dict[str, _File], errors: list[BaseException]) -> None:
+    def _read_solo(self, names: list[str], files: dict[str, ItemFile], errors: list[BaseException]) -> None:
         threads = [
             threading.Thread(target=self._solo_files, args=(names[i :: self.threads], files, errors))
             for i in range(1, min(self.threads, len(names)))
@@ -321,7 +252,7 @@ class SharedReader(StorageReader):
         for t in threads:
             t.join()
 
-    def _solo_files(self, names: list[str], files: dict[str, _File], errors: list[BaseException]) -> None:
+    def _solo_files(self, names: list[str], files: dict[str, ItemFile], errors: list[BaseException]) -> None:
         scratch = memoryview(bytearray(min(_SCRATCH, max((self._size(n) for n in names), default=1))))
         for name in names:
             try:
@@ -329,7 +260,7 @@ class SharedReader(StorageReader):
             except BaseException as e:  # noqa: BLE001 - reported at the end, on this rank
                 errors.append(e if isinstance(e, CorruptCheckpointError) else _explain(name, e))
 
-    def _solo_file(self, name: str, file: _File, scratch: memoryview) -> None:
+    def _solo_file(self, name: str, file: ItemFile, scratch: memoryview) -> None:
         size = self._size(name)
         f, hasher = self._open(name)
         with f:
@@ -356,7 +287,7 @@ class SharedReader(StorageReader):
     # --- files several ranks need: one reads, everyone receives ------------------------------
 
     def _stream_shared(
-        self, shared: list[Chunk], files: dict[str, _File], rank: int, errors: list[BaseException]
+        self, shared: list[Chunk], files: dict[str, ItemFile], rank: int, errors: list[BaseException]
     ) -> None:
         """``shared``: the global order of the chunks sent between ranks (the same on every
         rank, so the sends and receives of every pair of ranks match up)."""
@@ -412,7 +343,7 @@ class SharedReader(StorageReader):
     def _produce(
         self,
         chunks: list[Chunk],
-        files: dict[str, _File],
+        files: dict[str, ItemFile],
         free: queue.Queue,
         ready: queue.Queue,
         errors: list[BaseException],
