@@ -56,6 +56,10 @@ from .writer import frame
 
 _DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
+# big reads go in pieces of this size, each hashed while it is still in the CPU's cache: hashing a
+# big item whole after reading it went to memory and held the GIL long enough to starve the other
+# reader threads' disk queues (cold 1 GB restore: 0.56 s -> 0.42 s, ceiling 0.36 s)
+_PIECE = 1 << 20
 # small items and frames are read into this buffer and copied to their places from there: small
 # enough to stay in the CPU's cache between the read and the copy (32 MB: 1.5x slower restores)
 _SCRATCH = 1 << 20
@@ -222,12 +226,14 @@ class SharedReader(StorageReader):
         return f, (Checksum() if self.files is not None and name in self.files else None)
 
     def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:
-        read_exactly(f, view)
+        for at in range(0, len(view), _PIECE):
+            piece = view[at : at + _PIECE]
+            read_exactly(f, piece)
+            if hasher is not None:
+                hasher.update(piece)
         with self._lock:
             self.counter.bytes += len(view)
             self.counter.reads += 1
-        if hasher is not None:
-            hasher.update(view)
 
     def _check(self, name: str, hasher: Checksum | None) -> None:
         rec = (self.files or {}).get(name)
