@@ -321,12 +321,14 @@ def apply(
     catalog: Catalog,
     protect: Callable[[int], bool] = lambda s: False,
     pointers: Pointers | None = None,
+    recycle: bool = False,
 ) -> list[int]:
     """(the tier's owner, after a commit) Delete what ``preserved`` does not keep, then bring
-    ``pointers`` (``latest.json``/``best.json``) up to date; returns the deleted steps."""
+    ``pointers`` (``latest.json``/``best.json``) up to date; returns the deleted steps.
+    ``recycle``: the next save writes over the deleted data files (``layout/recycle.py``)."""
     infos = catalog.list()
     doomed = [c.step for c, kept in zip(infos, preserved(policy, infos, protect), strict=True) if not kept]
-    deleted, failed = catalog.delete(doomed)
+    deleted, failed = catalog.delete(doomed, recycle)
     for step, e in failed.items():
         log.warning("retention could not delete step %d (%s); will retry after the next save", step, e)
     if deleted:

@@ -37,6 +37,7 @@ from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
 from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
+from .layout import recycle
 from .layout.catalog import CheckpointInfo, SaveStats
 from .layout.lease import Lease
 from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
@@ -335,7 +336,7 @@ class Saves:
             if self.uploader is not None:
                 self.uploader.prune_local()  # the primary's retention follows each upload
             else:
-                retention.apply(self.policy, self.tier.catalog, pointers=self.pointers)
+                retention.apply(self.policy, self.tier.catalog, pointers=self.pointers, recycle=True)
             self.tier.catalog.clean_leftovers(self._active_now)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
@@ -343,7 +344,7 @@ class Saves:
     def _retain_remote(self) -> None:
         """(the chief, janitor thread) after a save that went straight to the remote tier."""
         try:
-            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers)
+            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers, recycle=True)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("remote retention failed (%s); it will be retried", e)
 
@@ -411,6 +412,8 @@ class Saves:
         if self.uploader is not None:
             self.uploader.close()
         self._janitor.shutdown(wait=True)
+        if self.topology.owns(self.tier):
+            recycle.empty(self.tier.storage)  # the pool's disk space back
         self.stager.close()
 
 

@@ -8,6 +8,7 @@ from a warm page cache onto the state's device, checking the result bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -296,24 +297,28 @@ def ceilings(state, workdir, threads, device) -> dict[str, float]:
     disk_bytes = min(nbytes, int(4 * GB))
     _disk(workdir, disk_bytes, threads, pool)  # warm-up: file system metadata, writeback threads
     for n in sorted({1, threads}):  # the fastest of two tries per thread count
-        write_s, read_s, cold_s = min(_disk(workdir, disk_bytes, n, pool) for _ in range(2))
+        write_s, read_s, cold_s, over_s = min(_disk(workdir, disk_bytes, n, pool) for _ in range(2))
         out[f"disk_write_fsync_gbps_t{n}"] = disk_bytes / write_s / GB
         out[f"page_cache_read_gbps_t{n}"] = disk_bytes / read_s / GB
         out[f"disk_read_gbps_t{n}"] = disk_bytes / cold_s / GB
+        out[f"disk_overwrite_fsync_gbps_t{n}"] = disk_bytes / over_s / GB
     out["disk_write_fsync_gbps"] = max(v for k, v in out.items() if k.startswith("disk_write"))
+    out["disk_overwrite_fsync_gbps"] = max(v for k, v in out.items() if k.startswith("disk_overwrite"))
     return out
 
 
-def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, float, float]:
-    """(write+fsync, read from the page cache, read from the disk) seconds for ``total``
-    bytes over ``n`` threads, each thread its own file."""
+def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, float, float, float]:
+    """(write+fsync into new files, read from the page cache, read from the disk, write+fsync
+    over the same files' blocks) seconds for ``total`` bytes over ``n`` threads, each thread
+    its own file. The last is the ceiling of a save that writes over a deleted step's files
+    (``layout/recycle.py``): no blocks to allocate (or, on a thin disk, to provision)."""
     chunk = 16 << 20
     src = memoryview(pool[: min(chunk, pool.numel())].numpy())
     per = total // n
     paths = [os.path.join(workdir, f"ceiling_{n}_{i}.bin") for i in range(n)]
 
-    def write(path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def write(path: str, over: bool = False) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if over else os.O_TRUNC), 0o644)
         left = per
         while left > 0:
             left -= os.write(fd, src[: min(left, len(src))])
@@ -335,9 +340,10 @@ def _disk(workdir: str, total: int, n: int, pool: torch.Tensor) -> tuple[float, 
     read_s = _parallel(read, paths)
     _evict_files(paths)  # and again from the disk
     cold_s = _parallel(read, paths)
+    over_s = _parallel(functools.partial(write, over=True), paths)
     for p in paths:
         os.remove(p)
-    return write_s, read_s, cold_s
+    return write_s, read_s, cold_s, over_s
 
 
 def _parallel(fn: Callable[[str], None], paths: list[str]) -> float:

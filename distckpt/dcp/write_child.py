@@ -196,7 +196,8 @@ def _write_direct_io(path: str, parts: Iterable[_Part]) -> tuple[int, str] | Non
     block-aligned go through a small aligned bounce buffer. None where the file system does
     not take ``O_DIRECT`` (the caller writes through the page cache then)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o666)
+        # not truncated: a recycled file (``layout/recycle.py``) is written over in place, then cut to size
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_DIRECT, 0o666)
     except OSError as e:
         if e.errno == errno.EINVAL:
             return None

@@ -42,6 +42,7 @@ from torch.futures import Future
 
 from ..arena import Arena, local_part, shared_arenas
 from ..gc_paused import gc_resumed
+from ..layout import recycle
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
 from .write_child import ALIGN_MIN, BLOCK, GAP, write_direct, write_parts
@@ -177,6 +178,7 @@ def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tenso
         placed = _place(files)
         if placed is not None:
             paths = [fs.concat_path(directory, name) for name, _ in files]
+            recycle.take(fs.storage, paths)  # written over: no new blocks to allocate
             if _by_process() and all(arena is not None for *_, arena, _ in _tensor_entries(placed)):
                 written = _by_writer_process(fs, paths, placed, threads)
             else:

@@ -268,13 +268,13 @@ class Catalog:
             except OSError as e:
                 log.warning("could not remove leftover %s (%s); will retry", path, e)
 
-    def delete(self, steps: Iterable[int]) -> tuple[list[int], dict[int, OSError]]:
+    def delete(self, steps: Iterable[int], recycle: bool = False) -> tuple[list[int], dict[int, OSError]]:
         """Un-commit and remove ``steps``; returns those deleted and the failures (not raised:
-        one stuck step must not stop the rest)."""
+        one stuck step must not stop the rest). ``recycle``: see ``Commit.delete``."""
         deleted, failed = [], {}
         for step in steps:
             try:
-                self.commit.delete(step)
+                self.commit.delete(step, recycle)
                 deleted.append(step)
             except OSError as e:
                 failed[step] = e

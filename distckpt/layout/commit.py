@@ -22,6 +22,7 @@ from typing import Protocol
 from ..errors import CommitError
 from ..log import log
 from ..storage import Storage
+from . import recycle as recycle_files
 from .guarantees import honours_exclusive_create
 from .manifest import MANIFEST, Manifest, step_dirname
 
@@ -51,8 +52,9 @@ class Commit(Protocol):
         """Remove an uncommitted step's files (never a committed step's)."""
         ...
 
-    def delete(self, step: int) -> None:
-        """Un-commit ``step`` atomically, then remove its files."""
+    def delete(self, step: int, recycle: bool = False) -> None:
+        """Un-commit ``step`` atomically, then remove its files; with ``recycle``, its data
+        files may go to the pool the next save writes over (``recycle.give``) instead."""
         ...
 
     def is_leftover(self, name: str) -> bool:
@@ -99,10 +101,12 @@ class RenameCommit:
     def abort(self, workdir: str) -> None:
         _remove_quietly(self.storage, workdir)
 
-    def delete(self, step: int) -> None:
+    def delete(self, step: int, recycle: bool = False) -> None:
         final = self.storage.join(self.root, step_dirname(step))
         trash = self.storage.join(self.root, f"{TRASH_PREFIX}{step_dirname(step)}-{uuid.uuid4().hex[:8]}")
         self.storage.rename(final, trash)  # un-commit atomically, then clean up at leisure
+        if recycle:
+            recycle_files.give(self.storage, trash)
         self.storage.rmtree(trash)
 
     def is_leftover(self, name: str) -> bool:
@@ -167,7 +171,7 @@ class MarkerCommit:
         if not self.storage.exists(self.storage.join(workdir, MANIFEST)):
             _remove_quietly(self.storage, workdir)
 
-    def delete(self, step: int) -> None:
+    def delete(self, step: int, recycle: bool = False) -> None:  # object stores: nothing to recycle
         final = self.storage.join(self.root, step_dirname(step))
         self.storage.remove(self.storage.join(final, MANIFEST))  # un-commit first
         self.storage.rmtree(final)

@@ -25,6 +25,7 @@ from ..layout.commit import TMP_PREFIX, commit_for
 from ..layout.lease import LOCK, holder_gone, lease_age, read_lease
 from ..layout.manifest import MANIFEST, Manifest, parse_step_dirname
 from ..layout.pointer import read_pointer
+from ..layout.recycle import POOL
 from ..storage import Storage, is_local_url, open_storage
 from ..tree import dtype_from_name
 from .inspection import StepContents, saved_order, step_contents
@@ -37,7 +38,7 @@ class Leftover:
 
     path: str
     name: str
-    kind: str  # "interrupted save", "interrupted delete" or "step without manifest"
+    kind: str  # "interrupted save", "interrupted delete", "step without manifest" or kept files (recycle.POOL)
 
 
 class CheckpointReader:
@@ -118,6 +119,9 @@ class CheckpointReader:
             else:
                 kind = "interrupted delete"
             out.append(Leftover(path, name, kind))
+        pool = self.storage.join(self.root, POOL)
+        if self.storage.listdir(pool):  # deleted steps' data files kept for the next save
+            out.append(Leftover(pool, POOL, "files kept for the next save to write over"))
         return out
 
     def lease(self) -> dict[str, Any] | None:
