@@ -236,6 +236,9 @@ class Saves:
     def _prepare(self, tier: Tier, job: SaveJob, workdir: str) -> None:
         if job.error is not None:
             raise job.error
+        janitor = self._janitor_job
+        if janitor is not None and self.topology.owns(tier) and recycle.enabled(tier.storage):
+            janitor.result()  # its retention hands the deleted step's files to this save (before the agree)
         if self.ranks.is_chief:  # a save sent on to the remote tier may be committed on a node that had room
             for where in self.tiers.all if tier is self.tier else [tier]:
                 if where.catalog.is_committed(job.step):
