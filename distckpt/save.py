@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import itertools
 import json
-import os
 import threading
 import time
 from collections import deque
@@ -32,12 +31,11 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from . import retention
 from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
 from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
-from .layout import recycle
+from .janitor import Janitor, OwnWork
 from .layout.catalog import CheckpointInfo, SaveStats
 from .layout.lease import Lease
 from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
@@ -83,8 +81,7 @@ class Saves:
             else None
         )
         self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
-        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-retention", initializer=yield_to_training)
-        self._janitor_job: Future | None = None
+        self.janitor = Janitor(self.tiers, self.policy, self._active_now, self.uploader, self.pointers)
         # with a local tier: which saves also go to the remote tier
         self.cadence = Cadence(self.uploader, self.ranks, self.upload_every) if self.uploader is not None else None
 
@@ -199,13 +196,13 @@ class Saves:
         _log_commit(info, stats)
         if tier is not self.tier:  # straight to the remote tier: nothing to protect or upload
             if self.topology.owns(tier):
-                self._janitor_job = self._janitor.submit(self._retain_remote)
+                self.janitor.after_commit(tier)
             return info
         unprotected = self._protect(job.step)
         if self.cadence is not None:  # the remote tier gets its saves even when one is unprotected
             self.cadence.after_commit(manifest, nonce, force=unprotected is not None)
         if self.topology.owns(tier):
-            self._janitor_job = self._janitor.submit(self._retain)
+            self.janitor.after_commit(tier)
         if unprotected is not None:
             raise unprotected
         return info
@@ -236,9 +233,8 @@ class Saves:
     def _prepare(self, tier: Tier, job: SaveJob, workdir: str) -> None:
         if job.error is not None:
             raise job.error
-        janitor = self._janitor_job
-        if janitor is not None and self.topology.owns(tier) and recycle.enabled(tier.storage):
-            janitor.result()  # its retention hands the deleted step's files to this save (before the agree)
+        if self.topology.owns(tier):
+            self.janitor.before_save(tier)  # before the agree: every rank finds the files it keeps
         if self.ranks.is_chief:  # a save sent on to the remote tier may be committed on a node that had room
             for where in self.tiers.all if tier is self.tier else [tier]:
                 if where.catalog.is_committed(job.step):
@@ -331,33 +327,13 @@ class Saves:
             staging_bytes=job.staging_bytes,
         )
 
-    # --- after the commit ------------------------------------------------------------------
-
-    def _retain(self) -> None:
-        """(the tier's owner, janitor thread) retention and leftovers; never raises."""
-        try:
-            if self.uploader is not None:
-                self.uploader.prune_local()  # the primary's retention follows each upload
-            else:
-                retention.apply(self.policy, self.tier.catalog, pointers=self.pointers, recycle=True)
-            self.tier.catalog.clean_leftovers(self._active_now)
-        except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
-            log.warning("retention after commit failed (%s); it will be retried after the next save", e)
-
-    def _retain_remote(self) -> None:
-        """(the chief, janitor thread) after a save that went straight to the remote tier."""
-        try:
-            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers, recycle=True)
-        except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
-            log.warning("remote retention failed (%s); it will be retried", e)
-
     def _active_now(self) -> Container[str]:
         """Work directories that are not leftovers: this job's own (its nonce in the name).
         Another rank of the node may create the next save's directory before this rank has
         registered it; a failed save of this job removes its own work (``abort``)."""
         with self._lock:
             active = set(self.active)
-        return _OwnWork(active, f"-{self.nonce}-")
+        return OwnWork(active, f"-{self.nonce}-")
 
     def final_save(self, step: int, meta: Mapping[str, Any] | None) -> tuple[bool, bool]:
         """(all ranks) The save before a preemption exit: wait for saves in flight (their
@@ -402,9 +378,7 @@ class Saves:
     def settle(self) -> None:
         """Let the retention that follows the last commit, and the refill of node memory that
         follows a restore, finish (neither raises)."""
-        job = self._janitor_job
-        if job is not None:
-            job.result()
+        self.janitor.settle()
         if self.replicator is not None:
             self.replicator.settle()
 
@@ -414,20 +388,8 @@ class Saves:
             self._executor.shutdown(wait=True)
         if self.uploader is not None:
             self.uploader.close()
-        self._janitor.shutdown(wait=True)
-        if self.topology.owns(self.tier):
-            recycle.empty(self.tier.storage)  # the pool's disk space back
+        self.janitor.close(owner=self.topology.owns(self.tier))
         self.stager.close()
-
-
-class _OwnWork:
-    """``path in work``: a registered work directory, or any carrying this job's nonce."""
-
-    def __init__(self, active: set[str], marker: str) -> None:
-        self.active, self.marker = active, marker
-
-    def __contains__(self, path: object) -> bool:
-        return path in self.active or (isinstance(path, str) and self.marker in os.path.basename(path))
 
 
 def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:

@@ -34,6 +34,7 @@ collective error handling makes every rank fall back together.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 from collections import defaultdict
@@ -235,6 +236,28 @@ class SharedReader(StorageReader):
             self.counter.bytes += len(view)
             self.counter.reads += 1
 
+    def _gone(self, name: str, f: Any) -> CorruptCheckpointError | None:
+        """After the last read of a local file (or a failed one): the error to raise if it is
+        not the step's file any more. Retention of a job writing to this root may have deleted
+        the step meanwhile, and a deleted step's files are written over by the next save
+        (``layout/recycle.py``); a file still in place once its last byte has been read was
+        read before any of that."""
+        try:
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None  # object stores: a deleted object is not rewritten in place
+        where = self._where(name)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(where))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return None
+        return CorruptCheckpointError(
+            f"{name}: the step was deleted while it was being read (retention of the job that writes to "
+            f"{self.storage_.url}); restore again to read a step that is kept"
+        )
+
     def _check(self, name: str, hasher: Checksum | None) -> None:
         rec = (self.files or {}).get(name)
         if hasher is None or rec is None:
@@ -270,24 +293,31 @@ class SharedReader(StorageReader):
         size = self._size(name)
         f, hasher = self._open(name)
         with f:
-            pos = 0
+            try:
+                pos = 0
 
-            def pump(end: int) -> None:
-                nonlocal pos
-                while pos < end:
-                    n = min(len(scratch), end - pos)
-                    self._readinto(f, scratch[:n], hasher)
-                    file.feed(pos, scratch[:n])
-                    pos += n
+                def pump(end: int) -> None:
+                    nonlocal pos
+                    while pos < end:
+                        n = min(len(scratch), end - pos)
+                        self._readinto(f, scratch[:n], hasher)
+                        file.feed(pos, scratch[:n])
+                        pos += n
 
-            for item in file.items:
-                if item.dst is not None and item.nbytes >= _DIRECT and item.head_at >= pos:
-                    pump(item.start)  # up to the item's data, its frame head included
-                    if bytes(item.seen_head) != item.head:
-                        continue  # not framed as expected: pump() streams it; DCP reads it again
-                    self._readinto(f, memoryview(item.dst).cast("B"), hasher)
-                    item.got, pos = item.nbytes, item.end
-            pump(size)
+                for item in file.items:
+                    if item.dst is not None and item.nbytes >= _DIRECT and item.head_at >= pos:
+                        pump(item.start)  # up to the item's data, its frame head included
+                        if bytes(item.seen_head) != item.head:
+                            continue  # not framed as expected: pump() streams it; DCP reads it again
+                        self._readinto(f, memoryview(item.dst).cast("B"), hasher)
+                        item.got, pos = item.nbytes, item.end
+                pump(size)
+            except OSError as e:
+                if gone := self._gone(name, f):
+                    raise gone from e
+                raise
+            if gone := self._gone(name, f):
+                raise gone
         self._check(name, hasher)
 
     # --- files several ranks need: one reads, everyone receives ------------------------------
@@ -371,11 +401,14 @@ class SharedReader(StorageReader):
                     f, hasher = open_files[name]
                     self._readinto(f, view, hasher)
                     if end == last[name]:
+                        if gone := self._gone(name, f):
+                            raise gone
                         f.close()
                         self._check(name, open_files.pop(name)[1])
                 except BaseException as e:  # noqa: BLE001 - the broadcasts go on; reported at the end
                     failed.add(name)
-                    errors.append(e if isinstance(e, CorruptCheckpointError) else _explain(name, e))
+                    gone = self._gone(name, open_files[name][0]) if name in open_files else None
+                    errors.append(gone or (e if isinstance(e, CorruptCheckpointError) else _explain(name, e)))
                     buf.zero_()
             else:
                 buf.zero_()

@@ -84,7 +84,7 @@ def take(storage: Any, paths: list[str]) -> int:
 
 
 def empty(storage: Any) -> None:
-    """Delete the pool's files (give the disk space back)."""
+    """Delete the pool and its files (give the disk space back)."""
     if not isinstance(storage, PosixStorage):
         return
     pool = os.path.join(storage.root, POOL)
@@ -97,6 +97,10 @@ def empty(storage: Any) -> None:
             os.remove(os.path.join(pool, name))
         except FileNotFoundError:
             pass
+    try:
+        os.rmdir(pool)
+    except OSError:  # another rank's give is filling it again
+        pass
 
 
 def fs_type(path: str) -> str:

@@ -184,7 +184,7 @@ def test_retention_running_beside_a_save_never_removes_its_work(root):
 
         def janitor():
             while not stop.is_set():
-                ckpt._parts.saves._retain()
+                ckpt._parts.saves.janitor._retain()
 
         thread = threading.Thread(target=janitor)
         thread.start()

@@ -11,6 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import distckpt
+from distckpt.errors import CorruptCheckpointError
 from distckpt.layout import recycle
 from distckpt.storage import open_storage
 from distckpt.tools.gc import plan_gc, run_gc
@@ -57,7 +58,7 @@ def test_retention_hands_deleted_files_to_the_next_save(root, async_save):
     app["model"].update(_state(900, 2))
     ckpt.save(4).wait()
     ckpt.close()
-    assert _pool(root) == []  # close gives the space back
+    assert not os.path.exists(os.path.join(root, recycle.POOL))  # close gives the space back
     target = {"model": {k: torch.zeros_like(v) for k, v in app["model"].items()}}
     distckpt.Checkpointer(root, target).restore()
     assert all(torch.equal(target["model"][k], v) for k, v in app["model"].items())
@@ -99,3 +100,36 @@ def test_never_on_memory_file_systems(tmp_path):
     assert recycle.fs_type(str(tmp_path)) not in ("", "tmpfs")
     assert not recycle.enabled(open_storage("/dev/shm/distckpt-recycle-test"))
     assert recycle.enabled(open_storage(str(tmp_path)))
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checksums", "sizes only"])
+def test_a_restore_of_a_step_deleted_and_written_over_meanwhile_says_so(root, monkeypatch, verify):
+    """Another job (an evaluation, here a read-only Checkpointer) restores step 1 while the
+    job writing to the root deletes it and writes its next save over step 1's files: the
+    restore must not hand back the next save's bytes, even without checksums."""
+    import distckpt.dcp.shared_reader as shared_reader
+
+    app = {"model": _state(300, 0)}
+    writer = distckpt.Checkpointer(root, app, async_save=False, keep=distckpt.Keep(last=2))
+    writer.save(1).wait()
+    writer.save(2).wait()
+    old = {k: v.clone() for k, v in app["model"].items()}
+    real, fired = shared_reader.read_exactly, []
+
+    def read_exactly(f, view):
+        real(f, view)
+        if not fired:  # after the reader's first read of step 1's data: step 3 deletes it, step 4 takes its files
+            fired.append(True)
+            for step in (3, 4):
+                for t in app["model"].values():
+                    t.add_(1)
+                writer.save(step).wait()
+                writer.wait()
+
+    monkeypatch.setattr(shared_reader, "read_exactly", read_exactly)
+    target = {"model": {k: torch.zeros_like(v) for k, v in old.items()}}
+    reader = distckpt.Checkpointer(root, target, read_only=True)
+    with pytest.raises(CorruptCheckpointError, match="deleted while it was being read"):
+        reader.restore(step=1, verify=verify)
+    assert fired and _inodes(root, 4)  # it did happen: step 4 wrote over step 1's files
+    writer.close()
