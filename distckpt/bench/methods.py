@@ -180,7 +180,11 @@ def run_dcp_async(state, workdir, repeats, threads, device, rss, variant="defaul
     return {"saves": saves, "save_peak_host_bytes": peak, "restore": restore, "restore_cold": cold, "bit_exact": ok}
 
 
-def run_distckpt(state, workdir, repeats, threads, device, rss, async_save=True, stager="auto", at_once=False):
+def run_distckpt(
+    state, workdir, repeats, threads, device, rss, async_save=True, stager="auto", at_once=False, new_files=False
+):
+    if new_files:  # every save into new files, as before saves wrote over the deleted steps' (layout/recycle.py)
+        os.environ["DISTCKPT_RECYCLE"] = "0"
     root = os.path.join(workdir, "ckpt")
     t0 = time.perf_counter()
     ckpt = distckpt.Checkpointer(
@@ -265,6 +269,7 @@ def methods(device: str) -> dict[str, Callable[..., dict[str, Any]]]:
         "distckpt sync": partial(run_distckpt, async_save=False),
         "distckpt async": partial(run_distckpt, async_save=True, stager="auto"),
         "distckpt async[at once]": partial(run_distckpt, async_save=True, stager="auto", at_once=True),
+        "distckpt async[new files]": partial(run_distckpt, async_save=True, stager="auto", new_files=True),
     }
     if device.startswith("cuda"):  # DCP's tuned variants stage through pinned (CUDA) memory
         table["dcp.async_save[cached]"] = partial(run_dcp_async, variant="cached")

@@ -36,6 +36,7 @@ METHODS = (
     "distckpt async[threads]",
     "distckpt async[buffered]",
     "distckpt async[1 copy thread]",
+    "distckpt async[new files]",
 )
 
 
@@ -129,6 +130,7 @@ def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _
         "distckpt async[threads]": ours,  # written by threads of this process (see child())
         "distckpt async[buffered]": ours,  # the writer process, through the page cache (see child())
         "distckpt async[1 copy thread]": ours,  # the staging copy on the training thread alone (see child())
+        "distckpt async[new files]": ours,  # new files every save, deleted steps' not written over (see child())
     }
 
 
@@ -158,6 +160,8 @@ def child(args: argparse.Namespace) -> None:
         os.environ["DISTCKPT_DIRECT_IO"] = "0"
     if args.child.endswith("[1 copy thread]"):  # the staging copy as before it used threads
         os.environ["DISTCKPT_COPY_THREADS"] = "1"
+    if args.child.endswith("[new files]"):  # as before saves wrote over the deleted steps' files
+        os.environ["DISTCKPT_RECYCLE"] = "0"
     model, optim, x = _model(int(args.size_gb * 1e9))
     for _ in range(3):
         _step(model, optim, x)
