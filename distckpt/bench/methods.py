@@ -126,7 +126,6 @@ def _dcp_restore(state, ckpt_dir, device):
     times, ok = [], True
     for cold in (False, True):
         if cold:
-            _settle(state_bytes(state))
             _evict(ckpt_dir)
         target = zeros_like(state)
         _sync(device)
@@ -217,7 +216,6 @@ def run_distckpt(
     _warm(root)  # written with O_DIRECT, the files are not in the page cache: the column is a warm read
     for key, verify in (("restore", False), ("restore_verified", True), ("restore_cold", True)):
         if key == "restore_cold":
-            _settle(state_bytes(state))
             _evict(root)
         target = zeros_like(state)
         _sync(device)
@@ -236,20 +234,6 @@ def _warm(root: str) -> None:
             with open(os.path.join(folder, name), "rb", buffering=0) as f:
                 while f.read(16 << 20):
                     pass
-
-
-SETTLE_S_PER_GB = 5.0
-
-
-def _settle(nbytes: int) -> None:
-    """Before a cold restore: let the disk finish what the saves' deletes left it. On a file
-    system mounted with ``discard`` (this project's VM), the blocks of a deleted step are
-    discarded for seconds after the delete, and reads meanwhile took 2x as long (probe: 1 GB
-    restored cold 0.92-1.51 s right after a 1 GB delete, 0.44-0.64 s five seconds later),
-    with or without recycled files. A restore at a job's start meets a settled disk. Waits
-    5 s per GB of state, at most 5 s."""
-    os.sync()
-    time.sleep(min(SETTLE_S_PER_GB, SETTLE_S_PER_GB * nbytes / GB))
 
 
 def _evict(root: str) -> None:
