@@ -173,7 +173,10 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     save(0).wait()  # warm-up: first-save effects (a process to spawn, a pool to fill) are reported apart
     out["first_save"] = time.perf_counter() - t0
-    for i in range(1, args.rounds + 1):
+    # and one more: from the third save on, a job keeping its last step writes over the files
+    # of the step deleted after the second (``layout/recycle.py``): the steady state is measured
+    save(1).wait()
+    for i in range(2, args.rounds + 2):
         out["rounds"].append(_round(model, optim, x, lambda i=i: save(i)))
     out["state_bytes"] = sum(p.numel() * 4 * 3 for p in model.parameters())
     shutil.rmtree(workdir, ignore_errors=True)
