@@ -71,9 +71,10 @@ class Janitor:
             log.warning("retention after commit failed (%s); it will be retried after the next save", e)
 
     def _retain_remote(self) -> None:
-        """After a save that went straight to the remote tier."""
+        """After a save that went straight to the remote tier (the local one was full). No
+        recycling there: the pool is emptied on the first tier only, at ``close``."""
         try:
-            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers, recycle=True)
+            retention.apply(self.policy, self.tiers.primary.catalog, pointers=self.pointers)
         except Exception as e:  # noqa: BLE001 - a failed clean-up must not fail the save
             log.warning("remote retention failed (%s); it will be retried", e)
 

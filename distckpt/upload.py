@@ -122,7 +122,9 @@ class Uploader:
         with self._lock:
             pending = set(self.pending)
         try:
-            retention.apply(Keep(last=self.local_keep), self.local.catalog, protect=lambda s: s in pending)
+            retention.apply(
+                Keep(last=self.local_keep), self.local.catalog, protect=lambda s: s in pending, recycle=True
+            )
         except Exception as e:  # noqa: BLE001
             log.warning("local retention failed (%s); it will be retried", e)
 

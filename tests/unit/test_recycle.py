@@ -64,6 +64,28 @@ def test_retention_hands_deleted_files_to_the_next_save(root, async_save):
     assert all(torch.equal(target["model"][k], v) for k, v in app["model"].items())
 
 
+def test_a_local_tier_on_disk_recycles_too(tmp_path):
+    """With ``local_dir`` (node-local disk in front of the job's URL), the local tier's
+    pruning hands its deleted steps' files to the next local save; uploads are unaffected."""
+    local, remote = str(tmp_path / "local"), str(tmp_path / "remote")
+    app = {"model": _state(200, 0)}
+    ckpt = distckpt.Checkpointer(remote, app, async_save=True, local_dir=local, local_keep=1)
+    ckpt.save(1).wait()
+    ckpt.wait()  # uploaded: step 1 may be pruned locally after the next commit
+    first = _inodes(local, 1)
+    for step in (2, 3):
+        for t in app["model"].values():
+            t.add_(1)
+        ckpt.save(step).wait()
+        ckpt.wait()
+    assert _inodes(local, 3) == first
+    ckpt.close()
+    assert not os.path.exists(os.path.join(local, recycle.POOL))
+    target = {"model": {k: torch.zeros_like(v) for k, v in app["model"].items()}}
+    distckpt.Checkpointer(remote, target, read_only=True).restore()  # the remote copy of step 3
+    assert all(torch.equal(target["model"][k], v) for k, v in app["model"].items())
+
+
 def test_gc_lists_and_removes_the_kept_files(root):
     ckpt = distckpt.Checkpointer(root, {"model": _state(200, 0)}, async_save=False, keep=distckpt.Keep(last=1))
     for step in (1, 2):
