@@ -19,7 +19,9 @@ over them (``write_child`` opens without truncating and truncates to the written
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import uuid
 from typing import Any
 
@@ -85,27 +87,14 @@ def take(storage: Any, paths: list[str]) -> int:
 
 def empty(storage: Any) -> None:
     """Delete the pool and its files (give the disk space back)."""
-    if not isinstance(storage, PosixStorage):
-        return
-    pool = os.path.join(storage.root, POOL)
-    try:
-        names = os.listdir(pool)
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.remove(os.path.join(pool, name))
-        except FileNotFoundError:
-            pass
-    try:
-        os.rmdir(pool)
-    except OSError:  # another rank's give is filling it again
-        pass
+    if isinstance(storage, PosixStorage):
+        shutil.rmtree(os.path.join(storage.root, POOL), ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=64)
 def fs_type(path: str) -> str:
     """The type of the file system holding ``path`` (``/proc/self/mounts``: the longest mount
-    point above it); "" where that cannot be told."""
+    point above it, read once per path); "" where that cannot be told."""
     path = os.path.realpath(path)
     best, kind = "", ""
     try:

@@ -26,7 +26,7 @@ from ..layout.lease import LOCK, holder_gone, lease_age, read_lease
 from ..layout.manifest import MANIFEST, Manifest, parse_step_dirname
 from ..layout.pointer import read_pointer
 from ..layout.recycle import POOL
-from ..storage import Storage, is_local_url, open_storage
+from ..storage import PosixStorage, Storage, is_local_url, open_storage
 from ..tree import dtype_from_name
 from .inspection import StepContents, saved_order, step_contents
 from .verify import VerifyReport, verify_step
@@ -120,7 +120,7 @@ class CheckpointReader:
                 kind = "interrupted delete"
             out.append(Leftover(path, name, kind))
         pool = self.storage.join(self.root, POOL)
-        if self.storage.listdir(pool):  # deleted steps' data files kept for the next save
+        if isinstance(self.storage, PosixStorage) and self.storage.listdir(pool):  # kept for the next save
             out.append(Leftover(pool, POOL, "files kept for the next save to write over"))
         return out
 
