@@ -68,6 +68,23 @@ def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
     return offsets, total
 
 
+class Layout:
+    """Where a save's tensors lie in an arena, kept from save to save: a state of 100,000
+    tensors is laid out (and its views into the arena made, ``Arena.views``) once, not on
+    every save. ``same`` tells whether a save's tensors are laid out like this."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]]) -> None:
+        self.names, self.specs = list(tensors), specs
+        self.offsets, self.total = layout(tensors)
+
+    @staticmethod
+    def specs_of(locals_: list[torch.Tensor]) -> list[tuple[torch.dtype, torch.Size]]:
+        return [(t.dtype, t.shape) for t in locals_]
+
+    def same(self, tensors: dict[str, torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]]) -> bool:
+        return self.specs == specs and self.names == list(tensors)
+
+
 class Arena:
     """One byte buffer, allocated once at its exact size (never rounded up to a power of
     two as torch's caching pinned allocator does). Host arenas can be pinned in place with
@@ -77,6 +94,7 @@ class Arena:
         self.nbytes, self.device, self.pinned = max(int(nbytes), ALIGN), device, False
         self.faulted = 0  #: bytes from the start whose pages are in memory
         self.id, self.fd = next(_ids), -1
+        self._views: tuple[Layout, list[torch.Tensor]] | None = None  # the last layout's views
         if device == "cpu":
             # page-aligned and a whole number of pages, as cudaHostRegister wants
             self.size = -(-self.nbytes // _PAGE) * _PAGE
@@ -129,19 +147,30 @@ class Arena:
             self.pinned = _register(self.buf)
 
     def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
-        """A contiguous tensor shaped like ``like`` over ``[offset, offset + nbytes)``.
+        """A contiguous tensor shaped like ``like`` over ``[offset, offset + nbytes)``."""
+        return self._view(offset, like.dtype, like.shape)
 
-        On the host its storage is exactly that slice (``torch.frombuffer``), so DCP's
-        writer neither clones it nor serialises the whole arena.
-        """
-        n = like.numel() * like.dtype.itemsize
+    def _view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """On the host its storage is exactly that slice (``torch.frombuffer``), so DCP's
+        writer neither clones it nor serialises the whole arena."""
+        n = shape.numel() * dtype.itemsize
         if n == 0:
-            return torch.empty(like.shape, dtype=like.dtype)
+            return torch.empty(shape, dtype=dtype)
         if self._np is None:
             raw = self.buf[offset : offset + n]
         else:
             raw = torch.frombuffer(self._np[offset : offset + n], dtype=torch.uint8)
-        return raw.view(like.dtype).view(like.shape)
+        return raw.view(dtype).view(shape)
+
+    def views(self, lay: Layout) -> list[torch.Tensor]:
+        """Every tensor of ``lay`` in this arena, in order; made once per layout (the same
+        view objects save after save: the writer's plan cache recognises them)."""
+        if self._views is None or self._views[0] is not lay:
+            self._views = (
+                lay,
+                [self._view(lay.offsets[n], *spec) for n, spec in zip(lay.names, lay.specs, strict=True)],
+            )
+        return self._views[1]
 
     def locate(self, t: torch.Tensor) -> int | None:
         """The offset in this arena of ``t``'s bytes (contiguous, on the host), or None."""

@@ -35,6 +35,7 @@ from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
 from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
+from .gc_paused import gc_paused
 from .janitor import Janitor, OwnWork
 from .layout.catalog import CheckpointInfo, SaveStats
 from .layout.lease import Lease
@@ -133,9 +134,10 @@ class Saves:
             self.uploader.check_errors()
 
     def _snapshot(self, step: int, meta: dict[str, Any], t0: float) -> SaveJob:
-        skeletons, per_rank, tensors = self.recoverables.snapshot(self.engine.full_state)
-        t_stage = time.perf_counter()
-        staged = self.stager.stage(tensors) if self.engine.writes(self.ranks) else HostStaged({})
+        with gc_paused():  # a few objects per tensor: no collector passes over the model while training waits
+            skeletons, per_rank, tensors = self.recoverables.snapshot(self.engine.full_state)
+            t_stage = time.perf_counter()
+            staged = self.stager.stage(tensors) if self.engine.writes(self.ranks) else HostStaged({})
         now = time.perf_counter()
         return SaveJob(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self.stager.capacity, t0)
 

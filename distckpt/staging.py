@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .arena import Arena, ArenaPool, layout, local_part, rewrap
+from .arena import Arena, ArenaPool, Layout, local_part, rewrap
 from .background import yield_to_training
 from .log import log
 
@@ -96,6 +96,7 @@ class PoolStager:
         self.host = ArenaPool("cpu", pin)
         self._reserving: threading.Thread | None = None
         self._stop = threading.Event()
+        self._layout: Layout | None = None  # the last save's (most saves are laid out alike)
 
     @property
     def capacity(self) -> int:
@@ -139,14 +140,23 @@ class PoolStager:
             self._stop.set()
         self._reserving.join()
 
+    def _layout_of(self, tensors: dict[str, torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
+        """The layout of ``tensors`` (the last one when they are laid out alike) and their
+        local parts, in order."""
+        srcs = [local_part(t) for t in tensors.values()]
+        specs = Layout.specs_of(srcs)
+        if self._layout is None or not self._layout.same(tensors, specs):
+            self._layout = Layout(tensors, specs)
+        return self._layout, srcs
+
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
         self._claim()
-        offsets, total = layout(tensors)
-        arena = self.host.take(total)
-        copies = _copy_into(arena, tensors, offsets, non_blocking=arena.pinned)
-        _sync_devices(tensors)
-        staged = {fqn: rewrap(tensors[fqn], dst) for fqn, dst in copies.items()}
-        return HostStaged(staged, total, on_release=lambda: self.host.give(arena))
+        lay, srcs = self._layout_of(tensors)
+        arena = self.host.take(lay.total)
+        dsts = _copy_into(arena, lay, srcs, non_blocking=arena.pinned)
+        _sync_devices(srcs)
+        staged = {fqn: rewrap(t, dst) for (fqn, t), dst in zip(tensors.items(), dsts, strict=True)}
+        return HostStaged(staged, lay.total, on_release=lambda: self.host.give(arena))
 
     def close(self) -> None:
         self._stop.set()
@@ -170,12 +180,12 @@ class DeviceSnapshotStager(PoolStager):
         super().reserve(nbytes)
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
-        offsets, total = layout(tensors)
-        arena = self.gpu.take(total)
-        _copy_into(arena, tensors, offsets, non_blocking=False)
+        lay, srcs = self._layout_of(tensors)
+        arena = self.gpu.take(lay.total)
+        _copy_into(arena, lay, srcs, non_blocking=False)
         event = torch.cuda.Event()
         event.record()
-        return _DeviceStaged(self, tensors, offsets, total, arena, event)
+        return _DeviceStaged(self, tensors, lay, arena, event)
 
     @property
     def capacity(self) -> int:
@@ -195,12 +205,11 @@ class _DeviceStaged:
         self,
         stager: DeviceSnapshotStager,
         originals: dict[str, torch.Tensor],
-        offsets: dict[str, int],
-        nbytes: int,
+        lay: Layout,
         gpu: Arena,
         event: Any,
     ) -> None:
-        self.stager, self.originals, self.offsets, self.nbytes = stager, originals, offsets, nbytes
+        self.stager, self.originals, self.lay, self.nbytes = stager, originals, lay, lay.total
         self.gpu, self.event = gpu, event
         self.host: Arena | None = None
 
@@ -212,9 +221,7 @@ class _DeviceStaged:
             stream.wait_event(self.event)
             host.buf[: self.nbytes].copy_(self.gpu.buf[: self.nbytes], non_blocking=host.pinned)
         stream.synchronize()
-        return {
-            fqn: rewrap(t, host.view(self.offsets[fqn], local_part(t).detach())) for fqn, t in self.originals.items()
-        }
+        return {fqn: rewrap(t, dst) for (fqn, t), dst in zip(self.originals.items(), host.views(self.lay), strict=True)}
 
     def release(self) -> None:
         self.stager.gpu.give(self.gpu)
@@ -241,25 +248,23 @@ class DirectStager:
         pass
 
 
-def _copy_into(
-    arena: Arena, tensors: dict[str, torch.Tensor], offsets: dict[str, int], non_blocking: bool
-) -> dict[str, torch.Tensor]:
-    """Copy every tensor's local data into its slice of ``arena``; returns the slices.
+def _copy_into(arena: Arena, lay: Layout, srcs: list[torch.Tensor], non_blocking: bool) -> list[torch.Tensor]:
+    """Copy every tensor's local data (``srcs``, in ``lay``'s order) into its slice of
+    ``arena``; returns the slices.
 
     Host-to-host copies of a big state are spread over ``copy_threads()`` threads: training
     waits for this copy in any case, and one core's memcpy is well below what the memory
     can move. Device sources copy in order (the device's copy engine sets the pace)."""
-    out, pairs = {}, []
-    for fqn, t in tensors.items():
-        local = local_part(t).detach()
-        dst = arena.view(offsets[fqn], local)
-        if local.is_cuda:
-            dst.copy_(local, non_blocking=non_blocking)
-        else:
-            pairs.append((dst, local))
-        out[fqn] = dst
-    copy_parallel(pairs)
-    return out
+    dsts = arena.views(lay)
+    pairs = []
+    with torch.no_grad():  # a parameter's copy records no autograd history
+        for dst, src in zip(dsts, srcs, strict=True):
+            if src.is_cuda:
+                dst.copy_(src, non_blocking=non_blocking)
+            else:
+                pairs.append((dst, src))
+        copy_parallel(pairs)
+    return dsts
 
 
 def copy_threads() -> int:
@@ -285,8 +290,7 @@ def copy_parallel(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int |
     threads = copy_threads() if threads is None else threads
     total = sum(d.nbytes for d, _ in pairs)
     if threads < 2 or total < _PARALLEL_FROM:
-        for dst, src in pairs:
-            dst.copy_(src)
+        _copy_all(pairs)
         return
     parts = _split(pairs, -(-total // threads))
     pool = _copy_pool()
@@ -325,8 +329,19 @@ def _split(pairs: list[tuple[torch.Tensor, torch.Tensor]], per: int) -> list[lis
 
 
 def _copy_all(part: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for dst, src in part:
-        dst.copy_(src)
+    """One call into torch for the whole part, which lets go of the GIL: for a state of many
+    small tensors a Python loop of ``copy_`` would hold it between every two copies (the copy
+    threads then take turns instead of copying together: 100,000 tensors of 1 KB, 0.18 s
+    against 0.05 s)."""
+    with torch.no_grad():  # thread-local: the copy threads' too
+        if _foreach_copy is not None:
+            _foreach_copy([d for d, _ in part], [s for _, s in part])
+            return
+        for dst, src in part:
+            dst.copy_(src)
+
+
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
 
 
 def _copy_pool() -> ThreadPoolExecutor:
@@ -337,10 +352,10 @@ def _copy_pool() -> ThreadPoolExecutor:
         return _copiers
 
 
-def _sync_devices(tensors: dict[str, torch.Tensor]) -> None:
+def _sync_devices(srcs: list[torch.Tensor]) -> None:
     """Wait for non-blocking device-to-host copies: after ``save()`` returns the caller
-    may change its tensors from any stream."""
-    devices = {local_part(t).device for t in tensors.values() if local_part(t).is_cuda}
+    may change its tensors (``srcs``: their local parts) from any stream."""
+    devices = {t.device for t in srcs if t.is_cuda}
     for device in devices:
         torch.cuda.current_stream(device).synchronize()
 

@@ -149,9 +149,7 @@ class FastWriter(StorageWriter):
         if any(item.type == WriteItemType.BYTE_IO for item in plan.items):
             raise ValueError("distckpt hands DCP tensors only; a non-tensor value reached the writer")
         files = [(name, [planner.resolve_data(item) for item in items]) for name, items in jobs]
-        with gc_resumed():  # the data: long, few objects, training may be running beside it
-            placed = write_files(self.fs, self.path, files)
-        self.placed = placed
+        self.placed = placed = write_files(self.fs, self.path, files)
         results = []
         for (name, items), spans in zip(jobs, placed, strict=True):
             for item, (offset, length) in zip(items, spans, strict=True):
@@ -179,13 +177,17 @@ def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tenso
         if placed is not None:
             paths = [fs.concat_path(directory, name) for name, _ in files]
             recycle.take(fs.storage, paths)  # written over: no new blocks to allocate
-            if _by_process() and all(arena is not None for *_, arena, _ in _tensor_entries(placed)):
-                written = _by_writer_process(fs, paths, placed, threads)
-            else:
-                written = _by_direct_threads(fs, paths, placed, threads)
+            by_process = _by_process() and all(arena is not None for *_, arena, _ in _tensor_entries(placed))
+            with gc_resumed():  # the data: long, few objects, training may be running beside it
+                if by_process:
+                    written = _by_writer_process(fs, paths, placed, threads)
+                else:
+                    written = _by_direct_threads(fs, paths, placed, threads)
             return _record(fs, paths, placed, written)
     calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
-    return [_back_to_back(lengths) for lengths in run_parallel(calls, threads)]
+    with gc_resumed():
+        written_lengths = run_parallel(calls, threads)
+    return [_back_to_back(lengths) for lengths in written_lengths]
 
 
 def _back_to_back(lengths: list[int]) -> list[tuple[int, int]]:
