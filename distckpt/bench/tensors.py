@@ -7,9 +7,11 @@ bookkeeping, manifest entries) must not dominate a save or a restore. Per count 
 each method runs in a fresh process (interleaved; the order rotates each round):
 ``torch.save`` + fsync and ``torch.load`` of the dict, ``dcp.save`` and ``dcp.load``, and a
 synchronous distckpt save (its first save plans with DCP; later ones reuse the plan) and
-restore. Reported: medians and spread of the time until durable and of the restore, as
-ratios to ``torch.save`` / ``torch.load`` of the same dict in the same round, and the cost
-per tensor at each count (linear growth keeps it flat). Writes ``<out>/tensors.json`` and
+restore, and the background saves of both (``dcp.async_save``, ``distckpt async``), whose
+stall - the time training waits in ``save()`` - is reported apart. Reported: medians and
+spread of the time until durable and of the restore, as ratios to ``torch.save`` /
+``torch.load`` of the same dict in the same round, the stall, and the cost per tensor at
+each count (linear growth keeps it flat). Writes ``<out>/tensors.json`` and
 ``<out>/tensors.png``.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 from .child import run_child
 
-METHODS = ("torch.save", "dcp.save", "distckpt sync")
+METHODS = ("torch.save", "dcp.save", "dcp.async_save", "distckpt sync", "distckpt async")
 
 
 def _state(count: int, nbytes: int) -> dict[str, Any]:
@@ -55,6 +57,7 @@ def child(args: argparse.Namespace) -> None:
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     saves: list[float] = []
+    stalls: list[float] = []  # background saves: the time save() blocked
 
     def timed(fn: Any) -> float:
         t0 = time.perf_counter()
@@ -71,10 +74,26 @@ def child(args: argparse.Namespace) -> None:
             saves.append(timed(lambda i=i: dcp.save(state, checkpoint_id=os.path.join(work, str(i)), no_dist=True)))
         last = os.path.join(work, str(args.saves - 1))
         restore = timed(lambda: dcp.load(target, checkpoint_id=last, no_dist=True))
-    elif args.child == "distckpt sync":
-        with distckpt.Checkpointer(work, {"state": state}, async_save=False, keep=distckpt.Keep(last=1)) as ckpt:
+    elif args.child == "dcp.async_save":
+        for i in range(args.saves):
+            t0 = time.perf_counter()
+            future = dcp.async_save(state, checkpoint_id=os.path.join(work, str(i)), no_dist=True)
+            stalls.append(time.perf_counter() - t0)
+            future.result()
+            saves.append(time.perf_counter() - t0)
+        last = os.path.join(work, str(args.saves - 1))
+        restore = timed(lambda: dcp.load(target, checkpoint_id=last, no_dist=True))
+    elif args.child in ("distckpt sync", "distckpt async"):
+        background = args.child == "distckpt async"
+        keep = distckpt.Keep(last=1)
+        with distckpt.Checkpointer(work, {"state": state}, async_save=background, keep=keep) as ckpt:
+            getattr(ckpt._parts.saves.stager, "wait_reserved", lambda: None)()  # built long before the first save
             for step in range(1, args.saves + 1):
-                saves.append(timed(lambda s=step: ckpt.save(s).wait()))
+                t0 = time.perf_counter()
+                handle = ckpt.save(step)
+                stalls.append(time.perf_counter() - t0)
+                handle.wait()
+                saves.append(time.perf_counter() - t0)
         with distckpt.Checkpointer(work, {"state": target}) as reader:
             restore = timed(reader.restore)
     else:
@@ -82,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
     exact = all(torch.equal(target[k], v) for k, v in state.items())
     shutil.rmtree(work, ignore_errors=True)
     with open(args.json, "w") as f:
-        json.dump({"saves": saves, "restore": restore, "bit_exact": exact}, f)
+        json.dump({"saves": saves, "stalls": stalls or saves, "restore": restore, "bit_exact": exact}, f)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,8 +134,9 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 continue
             rows = []
             for r in ok:
+                stalls = r.get("stalls", r["saves"])
                 row = {"first": r["saves"][0], "save": statistics.median(r["saves"][1:] or r["saves"]),
-                       "restore": r["restore"]}  # fmt: skip
+                       "stall": statistics.median(stalls[1:] or stalls), "restore": r["restore"]}  # fmt: skip
                 if r["round"] in base:
                     b = base[r["round"]]
                     row["save_x"] = row["save"] / statistics.median(b["saves"][1:] or b["saves"])
@@ -136,8 +156,8 @@ def report(results: dict[str, Any], out: str) -> list[str]:
     lines = [
         f"{results['meta']['rounds']} rounds, tensors of {results['meta']['tensor_bytes']} bytes; "
         "x = ratio to torch.save / torch.load of the same dict in the same round (median, min-max)",
-        f"{'tensors':>8} {'method':14} {'1st save s':>10} {'save s':>8} {'x torch.save':>20} {'restore s':>9} "
-        f"{'x torch.load':>20} {'us/tensor':>9}",
+        f"{'tensors':>8} {'method':14} {'1st save s':>10} {'save s':>8} {'x torch.save':>20} {'stall s':>8} "
+        f"{'restore s':>9} {'x torch.load':>20} {'us/tensor':>9}",
     ]
 
     def x(s: dict[str, Any], key: str) -> str:
@@ -150,8 +170,9 @@ def report(results: dict[str, Any], out: str) -> list[str]:
                 lines.append(f"{count:>8} {name:14} error: {s['error']}")
                 continue
             lines.append(
-                f"{count:>8} {name:14} {s['first']:10.2f} {s['save']:8.2f} {x(s, 'save_x'):>20} {s['restore']:9.2f} "
-                f"{x(s, 'restore_x'):>20} {s['us_per_tensor']:9.1f}" + ("" if s["bit_exact"] else "  NOT BIT-EXACT")
+                f"{count:>8} {name:14} {s['first']:10.2f} {s['save']:8.2f} {x(s, 'save_x'):>20} {s['stall']:8.3f} "
+                f"{s['restore']:9.2f} {x(s, 'restore_x'):>20} {s['us_per_tensor']:9.1f}"
+                + ("" if s["bit_exact"] else "  NOT BIT-EXACT")
             )
     counts = list(summ)
     for name in METHODS:

@@ -34,7 +34,7 @@ from ..tree import dtype_name
 from .errors import unwrap_dcp_errors
 from .fs import FileRecorder, StorageFS, StorageReader
 from .index import METADATA_KEY, from_json, to_json
-from .plan_cache import Plan, PlanCache, signature
+from .plan_cache import Plan, PlanCache
 from .safe import SafeLoadPlanner, load_dcp_metadata
 from .shared_reader import NodeLocal, ReadCounter, SharedReader
 from .writer import FastWriter, write_files
@@ -68,9 +68,10 @@ def write_items(
     """(every rank in ``group``, or one rank alone with ``group=None``) Write ``tensors`` into
     ``workdir``. Returns this rank's file records and, on rank 0, the global tensor table.
     With a ``cache``, a save planned like the previous one skips DCP's planning."""
-    key = signature(tensors) if cache is not None else ""
+    key = cache.key(tensors) if cache is not None else ""
     if cache is not None and cache.usable(key, group):
-        return _write_planned(cache, tensors, storage, workdir, rank)
+        with gc_paused():  # the data's write resumes it (writer.write_files)
+            return _write_planned(cache, tensors, storage, workdir, rank)
     writer = FastWriter(storage, workdir, threads)
     try:
         with unwrap_dcp_errors(f"writing {workdir}", CheckpointError), gc_paused():
@@ -102,7 +103,12 @@ def _write_planned(
     plan = cache.plan
     assert plan is not None
     fs = StorageFS(storage, FileRecorder())
-    placed = write_files(fs, workdir, [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files])
+    seen = cache.recall(plan)
+    if seen is not None and seen.placed is not None:  # the very views of the last save: no need to look
+        files: list[Any] = [(name, None) for name, _ in plan.files]
+    else:
+        files = [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files]
+    placed = write_files(fs, workdir, files, seen)
     if placed != plan.placed:  # the signature covers what places items; this is the safety net
         cache.plan = None
         raise CheckpointError(

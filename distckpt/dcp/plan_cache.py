@@ -12,10 +12,18 @@ file's bytes and the tensor table. A later save whose tensors have the same
 tensor's framed size depends only on its dtype and shape, every offset in the remembered
 metadata is again exact, and the checkpoint is byte-for-byte what ``dcp.save`` would write
 (the data aside). Whether every rank hits is agreed with one all-gather of a bool.
+
+A background save hands the writer the same tensors every time: the staging pool's views,
+made once per layout (``arena.Layout``). For those, what the writer derives from the
+tensors alone - the signature, where each item goes in its file, the writer process's
+program - is remembered too (``Seen``), so that a save of a state of 100,000 tensors does
+no per-tensor work beyond a check that each is the very view it was last time (live
+tensors, which their owner may give new storage, are always looked at afresh).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from ..arena import DTensor, local_part
+from ..arena import DTensor, local_part, shared_arenas
 from .write_child import ALIGN_MIN
 
 
@@ -50,12 +58,63 @@ class Plan:
     placed: list[list[tuple[int, int]]] | None = None  # each file's items as (offset, length)
 
 
+@dataclass
+class Seen:
+    """The last save's tensors when they were all staging views, and what was derived from them."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]  # held: their ids cannot be reused while remembered
+    key: str
+    plan: Plan | None = None  # the plan ``placed`` and ``program`` were made for
+    placed: Any = None  # the writer's placement of the plan's files (``writer._place``)
+    program: Any = None  # the writer process's program for them (``write_process.Program``)
+    _summary: Any = None
+
+    def summary(self, placed: Any, compute: Any) -> Any:
+        """``compute(placed)``, once per placement."""
+        if self._summary is None or self._summary[0] is not placed:
+            self._summary = (placed, compute(placed))
+        return self._summary[1]
+
+
 class PlanCache:
     """The plan of the last save of one Checkpointer's engine (see the module doc)."""
 
     def __init__(self) -> None:
         self.plan: Plan | None = None
+        self.seen: Seen | None = None
         self.hits = 0  # saves written from the remembered plan (for tests and stats)
+        self.recalled = 0  # saves whose tensors were the very views of the save before
+
+    def key(self, tensors: dict[str, torch.Tensor]) -> str:
+        """``signature(tensors)``; not computed again for the very views of the last save."""
+        seen = self.seen
+        if (
+            seen is not None
+            and len(seen.tensors) == len(tensors)
+            and all(map(operator.is_, seen.tensors, tensors.values()))
+            and seen.names == list(tensors)
+        ):
+            self.recalled += 1
+            return seen.key
+        key = signature(tensors)
+        self.seen = Seen(list(tensors), list(tensors.values()), key) if _staged(tensors.values()) else None
+        return key
+
+    def recall(self, plan: Plan) -> Seen | None:
+        """What was derived from this save's tensors for ``plan``, if they are the last save's
+        views (``key`` said so) and the plan is the one they were placed for; else a fresh
+        record to fill (or None when the tensors are live)."""
+        seen = self.seen
+        if seen is None:
+            return None
+        if seen.plan is not plan:
+            seen.plan, seen.placed, seen.program = plan, None, None
+        return seen
+
+    def forget(self) -> None:
+        """Let go of the remembered views (the staging pool is closing)."""
+        self.seen = None
 
     def usable(self, key: str, group: Any) -> bool:
         """(every rank of ``group``) True on all ranks when every rank's plan matches."""
@@ -66,3 +125,11 @@ class PlanCache:
             hit = all(votes)
         self.hits += hit
         return hit
+
+
+def _staged(tensors: Any) -> bool:
+    """Every tensor a plain view of a shared staging arena (memory only the pool writes)."""
+    arenas = list(shared_arenas().values())
+    return bool(arenas) and all(
+        type(t) is torch.Tensor and any(a.locate(t) is not None for a in arenas) for t in tensors
+    )

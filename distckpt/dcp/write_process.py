@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from . import write_child
@@ -77,16 +78,22 @@ class WriterProcess:
         """Write each ``(path, segments)`` durably; ``bytes`` segments are sent inline,
         others name a stretch of one of ``arenas`` (id -> ``Arena``). Returns each file's
         ``(size, xxh3 hex digest)``."""
-        header, blob = _program(files, threads)
+        program = Program.of([segments for _, segments in files], arenas)
+        return self.write_program([path for path, _ in files], program, threads)
+
+    def write_program(self, paths: list[str], program: Program, threads: int) -> list[Any]:
+        """``write`` with the segments already packed (``Program``: the same for every save
+        of one layout), into the files ``paths``."""
+        header = program.header(paths, threads)
         with self._lock:
             sock = self._started()
             try:
                 self._unmap_forgotten()
-                for aid, arena in arenas.items():
+                for aid, arena in program.arenas.items():
                     if aid not in self._mapped:
                         send(sock, {"op": "map", "id": aid, "size": arena.size}, fds=[arena.fd])
                         self._mapped.add(aid)
-                send(sock, header, blob)
+                send(sock, header, program.blob)
                 reply = recv(sock)
             except OSError as e:
                 raise self._died(e) from e
@@ -168,32 +175,44 @@ class WriterProcess:
         self._sock, self._proc, self._mapped = None, None, set()
 
 
-def _program(files: list[tuple[str, list[Segment | bytes]]], threads: int) -> tuple[dict[str, Any], bytes]:
-    """The request: ``files`` as [path, first segment, count], segments packed as int64
-    triples, inline bytes after them (identical frames sent once)."""
-    segs, inline, pos, seen = array.array("q"), [], 0, {}
-    header_files = []
-    for path, segments in files:
-        header_files.append([path, len(segs) // 3, len(segments)])
-        for seg in segments:
-            if isinstance(seg, bytes):
-                at = seen.get(seg)
-                if at is None:
-                    at = seen[seg] = pos
-                    inline.append(seg)
-                    pos += len(seg)
-                segs.extend((INLINE, at, len(seg)))
-            else:
-                segs.extend(seg)
-    packed = segs.tobytes()
-    header = {
-        "op": "write",
-        "files": header_files,
-        "threads": threads,
-        "seg_bytes": len(packed),
-        "direct": direct_io_enabled(),
-    }
-    return header, packed + b"".join(inline)
+@dataclass(frozen=True)
+class Program:
+    """A request's files without their paths: each file's ``(first segment, count)``, the
+    segments packed as int64 triples followed by the inline bytes (identical frames sent
+    once), and the arenas they name (id -> ``Arena``)."""
+
+    spans: list[tuple[int, int]]
+    blob: bytes
+    seg_bytes: int
+    arenas: dict[int, Any]
+
+    @classmethod
+    def of(cls, files: list[list[Segment | bytes]], arenas: dict[int, Any]) -> Program:
+        segs, inline, pos, seen = array.array("q"), [], 0, {}
+        spans = []
+        for segments in files:
+            spans.append((len(segs) // 3, len(segments)))
+            for seg in segments:
+                if isinstance(seg, bytes):
+                    at = seen.get(seg)
+                    if at is None:
+                        at = seen[seg] = pos
+                        inline.append(seg)
+                        pos += len(seg)
+                    segs.extend((INLINE, at, len(seg)))
+                else:
+                    segs.extend(seg)
+        packed = segs.tobytes()
+        return cls(spans, packed + b"".join(inline), len(packed), dict(arenas))
+
+    def header(self, paths: list[str], threads: int) -> dict[str, Any]:
+        return {
+            "op": "write",
+            "files": [[path, first, count] for path, (first, count) in zip(paths, self.spans, strict=True)],
+            "threads": threads,
+            "seg_bytes": self.seg_bytes,
+            "direct": direct_io_enabled(),
+        }
 
 
 WRITER = WriterProcess()

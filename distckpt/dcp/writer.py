@@ -45,8 +45,9 @@ from ..gc_paused import gc_resumed
 from ..layout import recycle
 from ..storage import PosixStorage, Storage
 from .fs import StorageWriter
+from .plan_cache import Seen
 from .write_child import ALIGN_MIN, BLOCK, GAP, write_direct, write_parts
-from .write_process import WRITER, WriterProcessError
+from .write_process import WRITER, Program, WriterProcessError
 
 _SUFFIX = ".distcp"
 _SMALL = 64 << 10  # items up to this size are joined with their frame into one write
@@ -160,7 +161,9 @@ class FastWriter(StorageWriter):
         return fut
 
 
-def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]]) -> list[list[tuple[int, int]]]:
+def write_files(
+    fs: Any, directory: str, files: list[tuple[str, Any]], seen: Seen | None = None
+) -> list[list[tuple[int, int]]]:
     """Write each ``(name, tensors)`` framed into ``directory/name`` through ``fs`` (a
     ``StorageFS``: durable, checksummed); returns each file's items as ``(offset, length)``.
 
@@ -169,24 +172,32 @@ def write_files(fs: Any, directory: str, files: list[tuple[str, list[torch.Tenso
     the gaps), so the disk reads it in place (``write_child.write_direct``): tensors staged
     in shared host arenas by the writer process, other CPU tensors (a synchronous save's live
     ones) by threads of this process. Anything else (object stores, CUDA or strided
-    tensors) is written back to back through ``fs``'s streams by threads."""
-    nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
-    threads = writer_threads(nbytes, len(files))
+    tensors) is written back to back through ``fs``'s streams by threads.
+
+    ``seen``: what was derived from these very staging views for this plan last time
+    (``plan_cache.Seen``); with its placement, ``files`` may name the files alone."""
     if isinstance(fs.storage, PosixStorage) and fs.recorder is not None:
-        placed = _place(files)
+        placed = seen.placed if seen is not None else None
+        if placed is None:
+            placed = _place(files)
+            if seen is not None:
+                seen.placed = placed
         if placed is not None:
+            nbytes, in_arenas = _summary(placed) if seen is None else seen.summary(placed, _summary)
+            threads = writer_threads(nbytes, len(files))
             paths = [fs.concat_path(directory, name) for name, _ in files]
             recycle.take(fs.storage, paths)  # written over: no new blocks to allocate
-            by_process = _by_process() and all(arena is not None for *_, arena, _ in _tensor_entries(placed))
+            by_process = _by_process() and in_arenas
             with gc_resumed():  # the data: long, few objects, training may be running beside it
                 if by_process:
-                    written = _by_writer_process(fs, paths, placed, threads)
+                    written = _by_writer_process(fs, paths, placed, threads, seen)
                 else:
                     written = _by_direct_threads(fs, paths, placed, threads)
             return _record(fs, paths, placed, written)
+    nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
     calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
     with gc_resumed():
-        written_lengths = run_parallel(calls, threads)
+        written_lengths = run_parallel(calls, writer_threads(nbytes, len(files)))
     return [_back_to_back(lengths) for lengths in written_lengths]
 
 
@@ -230,8 +241,14 @@ def _place(files: list[tuple[str, list[torch.Tensor]]]) -> list[_Placed] | None:
     return out
 
 
+def _summary(placed: list[_Placed]) -> tuple[int, bool]:
+    """Bytes of tensor data in ``placed``, and whether all of it lies in shared arenas."""
+    entries = list(_tensor_entries(placed))
+    return sum(t.nbytes for t, *_ in entries), all(arena is not None for _, arena, _ in entries)
+
+
 def _tensor_entries(placed: list[_Placed]) -> Iterable[tuple[torch.Tensor, Arena | None, int]]:
-    return (e for entries, _ in placed for e in entries if isinstance(e, tuple) and e[0].nbytes)
+    return (e for entries, _ in placed for e in entries[2::4] if e[0].nbytes)  # gap, head, tensor, tail
 
 
 def gap_before(data_at: int, address: int, nbytes: int) -> int:
@@ -249,23 +266,30 @@ def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
     return None
 
 
-def _by_writer_process(fs: Any, paths: list[str], placed: list[_Placed], threads: int) -> list[tuple[int, str]]:
-    files, arenas = [], {}
-    for path, (entries, _) in zip(paths, placed, strict=True):
-        segments: list[Any] = []
-        for e in entries:
-            if isinstance(e, tuple):
-                t, arena, offset = e
-                if t.nbytes:
-                    arenas[arena.id] = arena
-                    segments.append((arena.id, offset, t.nbytes))
-            elif isinstance(e, bytes):
-                segments.append(e)
-            elif e:
-                segments.append((GAP, 0, e))
-        files.append((path, segments))
+def _by_writer_process(
+    fs: Any, paths: list[str], placed: list[_Placed], threads: int, seen: Seen | None
+) -> list[tuple[int, str]]:
+    program = seen.program if seen is not None else None
+    if program is None:
+        files, arenas = [], {}
+        for entries, _ in placed:
+            segments: list[Any] = []
+            for e in entries:
+                if isinstance(e, tuple):
+                    t, arena, offset = e
+                    if t.nbytes:
+                        arenas[arena.id] = arena
+                        segments.append((arena.id, offset, t.nbytes))
+                elif isinstance(e, bytes):
+                    segments.append(e)
+                elif e:
+                    segments.append((GAP, 0, e))
+            files.append(segments)
+        program = Program.of(files, arenas)
+        if seen is not None:
+            seen.program = program
     try:
-        return WRITER.write(files, threads, arenas)
+        return WRITER.write_program(paths, program, threads)
     except OSError as e:
         fs.recorder.os_errors.append(e)
         raise

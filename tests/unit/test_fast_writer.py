@@ -119,3 +119,44 @@ def test_a_checkpointer_with_many_small_tensors_restores_bit_exact_after_cached_
         assert ckpt.restore().step == 3
     assert all(torch.equal(state[k], expect[k]) for k in state)
     assert distckpt.open(root).verify().ok
+
+
+def test_background_saves_of_the_same_views_skip_per_tensor_work_and_stay_exact(root):
+    """The staging views are the same objects save after save: the signature, placement and
+    writer program are remembered (``plan_cache.Seen``). Every step still holds its own
+    values, also after the state grows."""
+    state = {f"w{i}": torch.randn(8 + i % 5) for i in range(3000)}
+    expect = {}
+    with distckpt.Checkpointer(root, {"s": state}, async_save=True, keep=distckpt.Keep(last=6)) as ckpt:
+        plans = ckpt._parts.engine.plans
+        for step in range(1, 7):
+            for t in state.values():
+                t.add_(1)
+            if step == 5:  # the optimizer's first step: a new tensor, a new layout
+                state["late"] = torch.arange(10.0)
+            ckpt.save(step).wait()
+            expect[step] = {k: v.clone() for k, v in state.items()}
+        assert plans.recalled == 4  # steps 2, 3, 4 (views of step 1's) and 6 (of step 5's: a new layout)
+        assert plans.seen is not None and plans.seen.program is not None
+    for step, values in expect.items():
+        back = {k: torch.zeros_like(v) for k, v in values.items()}
+        with distckpt.Checkpointer(root, {"s": back}, read_only=True) as ckpt:
+            assert ckpt.restore(step=step).step == step
+        assert all(torch.equal(back[k], values[k]) for k in values), step
+    assert distckpt.open(root).verify().ok
+
+
+def test_live_tensors_are_looked_at_afresh_every_save(root):
+    """A synchronous save writes the caller's own tensors, whose storage may change between
+    saves (``p.data = ...``): nothing derived from them is remembered."""
+    state = {f"w{i}": torch.randn(300_000 + i) for i in range(4)}  # big: placed by address
+    with distckpt.Checkpointer(root, {"s": state}, async_save=False, keep=distckpt.Keep(last=3)) as ckpt:
+        ckpt.save(1)
+        state["w0"].data = torch.randn(300_001)[1:].clone()  # new storage, another address
+        ckpt.save(2)
+        plans = ckpt._parts.engine.plans
+        assert plans.seen is None and plans.recalled == 0
+    back = {k: torch.zeros_like(v) for k, v in state.items()}
+    with distckpt.Checkpointer(root, {"s": back}, read_only=True) as ckpt:
+        assert ckpt.restore().step == 2
+    assert all(torch.equal(back[k], state[k]) for k in state)
