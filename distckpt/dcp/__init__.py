@@ -103,12 +103,8 @@ def _write_planned(
     plan = cache.plan
     assert plan is not None
     fs = StorageFS(storage, FileRecorder())
-    seen = cache.recall(plan)
-    if seen is not None and seen.placed is not None:  # the very views of the last save: no need to look
-        files: list[Any] = [(name, None) for name, _ in plan.files]
-    else:
-        files = [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files]
-    placed = write_files(fs, workdir, files, seen)
+    files = [(name, [local_part(tensors[f]) for f in fqns]) for name, fqns in plan.files]
+    placed = write_files(fs, workdir, files, cache.recall(plan))
     if placed != plan.placed:  # the signature covers what places items; this is the safety net
         cache.plan = None
         raise CheckpointError(

@@ -162,7 +162,7 @@ class FastWriter(StorageWriter):
 
 
 def write_files(
-    fs: Any, directory: str, files: list[tuple[str, Any]], seen: Seen | None = None
+    fs: Any, directory: str, files: list[tuple[str, list[torch.Tensor]]], seen: Seen | None = None
 ) -> list[list[tuple[int, int]]]:
     """Write each ``(name, tensors)`` framed into ``directory/name`` through ``fs`` (a
     ``StorageFS``: durable, checksummed); returns each file's items as ``(offset, length)``.
@@ -175,7 +175,7 @@ def write_files(
     tensors) is written back to back through ``fs``'s streams by threads.
 
     ``seen``: what was derived from these very staging views for this plan last time
-    (``plan_cache.Seen``); with its placement, ``files`` may name the files alone."""
+    (``plan_cache.Seen``), used and filled in here."""
     if isinstance(fs.storage, PosixStorage) and fs.recorder is not None:
         placed = seen.placed if seen is not None else None
         if placed is None:
