@@ -194,16 +194,24 @@ def _chart(summ: dict[str, dict[str, dict[str, Any]]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key, title in ((axes[0], "save", "save until durable (s)"), (axes[1], "restore", "restore (s)")):
+    panels = (
+        ("save", "save until durable (s)"),
+        ("stall", "training blocked per save (s)"),
+        ("restore", "restore (s)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4.2))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        xs, labels = [], []
         for i, (count, by_method) in enumerate(summ.items()):
             names = [n for n, s in by_method.items() if "error" not in s]
-            ax.bar([j + i * (len(names) + 1) for j in range(len(names))], [by_method[n][key] for n in names],
+            at = [j + i * (len(names) + 1) for j in range(len(names))]
+            ax.bar(at, [by_method[n][key] for n in names],
                    color=["tab:green" if n.startswith("distckpt") else "tab:gray" for n in names])  # fmt: skip
-            for j, n in enumerate(names):
-                ax.text(j + i * (len(names) + 1), 0, f" {n} ({count})", rotation=90, fontsize=7, va="bottom")
+            xs += at
+            labels += [f"{n} ({int(count) // 1000}k)" for n in names]
         ax.set_yscale("log")
-        ax.set_xticks([])
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
