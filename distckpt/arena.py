@@ -2,7 +2,10 @@
 
 A save's tensors are laid out back to back in one arena, each slice ``ALIGN``-aligned;
 ``ArenaPool`` keeps the arenas of one kind (host, pinned host, or GPU) and hands them out
-per save, so staging memory is allocated once and reused, never grown per save.
+per save, so staging memory is allocated once and reused, never grown per save. A state's
+layout (``Layout``) and its views into an arena (``Arena.views``) are made once and reused by
+every save of a state laid out alike: per-tensor work, not bytes, is what a state of 100,000
+small tensors costs.
 DTensors contribute their local shard (``local_part``) and are dressed again as DTensors
 over their staged copy (``rewrap``).
 """
