@@ -61,31 +61,25 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
-    """Aligned byte offsets of every tensor's local data in one buffer, and the total."""
-    offsets, total = {}, 0
-    for fqn, t in tensors.items():
-        local = local_part(t)
-        offsets[fqn] = total
-        total += aligned(local.numel() * local.dtype.itemsize)
-    return offsets, total
-
-
 class Layout:
-    """Where a save's tensors lie in an arena, kept from save to save: a state of 100,000
-    tensors is laid out (and its views into the arena made, ``Arena.views``) once, not on
-    every save. ``same`` tells whether a save's tensors are laid out like this."""
+    """Where a save's tensors lie in an arena (back to back, each slice ``ALIGN``-aligned),
+    kept from save to save: a state of 100,000 tensors is laid out (and its views into the
+    arena made, ``Arena.views``) once, not on every save. ``specs``: each tensor's local
+    (dtype, shape), in order; ``same`` tells whether a save's tensors are laid out like this."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]]) -> None:
-        self.names, self.specs = list(tensors), specs
-        self.offsets, self.total = layout(tensors)
+    def __init__(self, names: list[str], specs: list[tuple[torch.dtype, torch.Size]]) -> None:
+        self.names, self.specs = names, specs
+        self.offsets, self.total = [], 0
+        for dtype, shape in specs:
+            self.offsets.append(self.total)
+            self.total += aligned(shape.numel() * dtype.itemsize)
 
     @staticmethod
     def specs_of(locals_: list[torch.Tensor]) -> list[tuple[torch.dtype, torch.Size]]:
         return [(t.dtype, t.shape) for t in locals_]
 
-    def same(self, tensors: dict[str, torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]]) -> bool:
-        return self.specs == specs and self.names == list(tensors)
+    def same(self, names: list[str], specs: list[tuple[torch.dtype, torch.Size]]) -> bool:
+        return self.specs == specs and self.names == names
 
 
 class Arena:
@@ -149,13 +143,10 @@ class Arena:
         if not self.pinned:
             self.pinned = _register(self.buf)
 
-    def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
-        """A contiguous tensor shaped like ``like`` over ``[offset, offset + nbytes)``."""
-        return self._view(offset, like.dtype, like.shape)
-
-    def _view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-        """On the host its storage is exactly that slice (``torch.frombuffer``), so DCP's
-        writer neither clones it nor serialises the whole arena."""
+    def view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """A contiguous ``dtype`` tensor of ``shape`` over ``[offset, offset + nbytes)``. On
+        the host its storage is exactly that slice (``torch.frombuffer``), so DCP's writer
+        neither clones it nor serialises the whole arena."""
         n = shape.numel() * dtype.itemsize
         if n == 0:
             return torch.empty(shape, dtype=dtype)
@@ -171,7 +162,7 @@ class Arena:
         if self._views is None or self._views[0] is not lay:
             self._views = (
                 lay,
-                [self._view(lay.offsets[n], *spec) for n, spec in zip(lay.names, lay.specs, strict=True)],
+                [self.view(at, *spec) for at, spec in zip(lay.offsets, lay.specs, strict=True)],
             )
         return self._views[1]
 
@@ -197,6 +188,15 @@ def _unshare(arena_id: int, fd: int) -> None:
 
     WRITER.forget(arena_id)
     os.close(fd)
+
+
+def find_arena(t: torch.Tensor, arenas: list[Arena]) -> tuple[Arena, int] | None:
+    """The arena among ``arenas`` holding ``t``'s bytes, and their offset in it; or None."""
+    for arena in arenas:
+        offset = arena.locate(t)
+        if offset is not None:
+            return arena, offset
+    return None
 
 
 def shared_arenas() -> dict[int, Arena]:

@@ -47,8 +47,8 @@ class Janitor:
     def before_save(self, tier: Tier) -> None:
         """(the tier's owner, before a save's files are written) On a recycling root, let the
         last retention finish: it hands the deleted step's files to this save."""
-        if self._job is not None and recycle.enabled(tier.storage):
-            self._job.result()
+        if recycle.enabled(tier.storage):
+            self.settle()
 
     def settle(self) -> None:
         if self._job is not None:

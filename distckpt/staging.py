@@ -144,9 +144,9 @@ class PoolStager:
         """The layout of ``tensors`` (the last one when they are laid out alike) and their
         local parts, in order."""
         srcs = [local_part(t) for t in tensors.values()]
-        specs = Layout.specs_of(srcs)
-        if self._layout is None or not self._layout.same(tensors, specs):
-            self._layout = Layout(tensors, specs)
+        names, specs = list(tensors), Layout.specs_of(srcs)
+        if self._layout is None or not self._layout.same(names, specs):
+            self._layout = Layout(names, specs)
         return self._layout, srcs
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from ..arena import DTensor, local_part, shared_arenas
+from ..arena import DTensor, find_arena, local_part, shared_arenas
 from .write_child import ALIGN_MIN
 
 
@@ -65,16 +65,8 @@ class Seen:
     names: list[str]
     tensors: list[torch.Tensor]  # held: their ids cannot be reused while remembered
     key: str
-    plan: Plan | None = None  # the plan ``placed`` and ``program`` were made for
-    placed: Any = None  # the writer's placement of the plan's files (``writer._place``)
-    program: Any = None  # the writer process's program for them (``write_process.Program``)
-    _summary: Any = None
-
-    def summary(self, placed: Any, compute: Any) -> Any:
-        """``compute(placed)``, once per placement."""
-        if self._summary is None or self._summary[0] is not placed:
-            self._summary = (placed, compute(placed))
-        return self._summary[1]
+    plan: Plan | None = None  # the plan ``placement`` was made for
+    placement: Any = None  # the writer's placement of the plan's files (``writer.Placement``)
 
 
 class PlanCache:
@@ -109,7 +101,7 @@ class PlanCache:
         if seen is None:
             return None
         if seen.plan is not plan:
-            seen.plan, seen.placed, seen.program = plan, None, None
+            seen.plan, seen.placement = plan, None
         return seen
 
     def forget(self) -> None:
@@ -130,6 +122,4 @@ class PlanCache:
 def _staged(tensors: Any) -> bool:
     """Every tensor a plain view of a shared staging arena (memory only the pool writes)."""
     arenas = list(shared_arenas().values())
-    return bool(arenas) and all(
-        type(t) is torch.Tensor and any(a.locate(t) is not None for a in arenas) for t in tensors
-    )
+    return bool(arenas) and all(type(t) is torch.Tensor and find_arena(t, arenas) is not None for t in tensors)

@@ -32,6 +32,7 @@ import struct
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..arena import Arena, local_part, shared_arenas
+from ..arena import find_arena, local_part, shared_arenas
 from ..gc_paused import gc_resumed
 from ..layout import recycle
 from ..storage import PosixStorage, Storage
@@ -177,23 +178,21 @@ def write_files(
     ``seen``: what was derived from these very staging views for this plan last time
     (``plan_cache.Seen``), used and filled in here."""
     if isinstance(fs.storage, PosixStorage) and fs.recorder is not None:
-        placed = seen.placed if seen is not None else None
+        placed = seen.placement if seen is not None else None
         if placed is None:
             placed = _place(files)
             if seen is not None:
-                seen.placed = placed
+                seen.placement = placed
         if placed is not None:
-            nbytes, in_arenas = _summary(placed) if seen is None else seen.summary(placed, _summary)
-            threads = writer_threads(nbytes, len(files))
+            threads = writer_threads(placed.nbytes, len(files))
             paths = [fs.concat_path(directory, name) for name, _ in files]
             recycle.take(fs.storage, paths)  # written over: no new blocks to allocate
-            by_process = _by_process() and in_arenas
             with gc_resumed():  # the data: long, few objects, training may be running beside it
-                if by_process:
-                    written = _by_writer_process(fs, paths, placed, threads, seen)
+                if _by_process() and placed.in_arenas:
+                    written = _by_writer_process(fs, paths, placed, threads)
                 else:
-                    written = _by_direct_threads(fs, paths, placed, threads)
-            return _record(fs, paths, placed, written)
+                    written = _by_direct_threads(fs, paths, placed.files, threads)
+            return _record(fs, paths, placed.files, written)
     nbytes = sum(t.nbytes for _, tensors in files for t in tensors)
     calls = [functools.partial(write_file, fs, directory, name, tensors) for name, tensors in files]
     with gc_resumed():
@@ -220,10 +219,22 @@ def _by_process() -> bool:
 _Placed = tuple[list[Any], list[tuple[int, int]]]
 
 
-def _place(files: list[tuple[str, list[torch.Tensor]]]) -> list[_Placed] | None:
+@dataclass
+class Placement:
+    """Every file of a save laid out for O_DIRECT (``_place``): its entries, the bytes of
+    tensor data, whether all of it lies in shared arenas, and - made on first use - the
+    writer process's program for it."""
+
+    files: list[_Placed]
+    nbytes: int
+    in_arenas: bool
+    program: Program | None = None
+
+
+def _place(files: list[tuple[str, list[torch.Tensor]]]) -> Placement | None:
     """Every file laid out for O_DIRECT, or None when a tensor is not contiguous host memory."""
     arenas = list(shared_arenas().values())
-    out = []
+    out, nbytes, in_arenas = [], 0, True
     for _, tensors in files:
         entries: list[Any] = []
         spans, pos = [], 0
@@ -232,23 +243,16 @@ def _place(files: list[tuple[str, list[torch.Tensor]]]) -> list[_Placed] | None:
             if t.device.type != "cpu" or not t.is_contiguous():
                 return None
             head, tail = frame(t.dtype, tuple(t.shape))
-            where = _find(t, arenas) if t.nbytes else None
+            where = find_arena(t, arenas) if t.nbytes else None
+            if t.nbytes:
+                nbytes += t.nbytes
+                in_arenas = in_arenas and where is not None
             gap = gap_before(pos + len(head), t.data_ptr(), t.nbytes)
             entries += [gap, head, (t, *(where or (None, 0))), tail]
             spans.append((pos + gap, len(head) + t.nbytes + len(tail)))
             pos += gap + len(head) + t.nbytes + len(tail)
         out.append((entries, spans))
-    return out
-
-
-def _summary(placed: list[_Placed]) -> tuple[int, bool]:
-    """Bytes of tensor data in ``placed``, and whether all of it lies in shared arenas."""
-    entries = list(_tensor_entries(placed))
-    return sum(t.nbytes for t, *_ in entries), all(arena is not None for _, arena, _ in entries)
-
-
-def _tensor_entries(placed: list[_Placed]) -> Iterable[tuple[torch.Tensor, Arena | None, int]]:
-    return (e for entries, _ in placed for e in entries[2::4] if e[0].nbytes)  # gap, head, tensor, tail
+    return Placement(out, nbytes, in_arenas)
 
 
 def gap_before(data_at: int, address: int, nbytes: int) -> int:
@@ -258,21 +262,10 @@ def gap_before(data_at: int, address: int, nbytes: int) -> int:
     return (address - data_at) % BLOCK if nbytes >= ALIGN_MIN else 0
 
 
-def _find(t: torch.Tensor, arenas: Iterable[Arena]) -> tuple[Arena, int] | None:
-    for arena in arenas:
-        offset = arena.locate(t)
-        if offset is not None:
-            return arena, offset
-    return None
-
-
-def _by_writer_process(
-    fs: Any, paths: list[str], placed: list[_Placed], threads: int, seen: Seen | None
-) -> list[tuple[int, str]]:
-    program = seen.program if seen is not None else None
-    if program is None:
+def _by_writer_process(fs: Any, paths: list[str], placed: Placement, threads: int) -> list[tuple[int, str]]:
+    if placed.program is None:
         files, arenas = [], {}
-        for entries, _ in placed:
+        for entries, _ in placed.files:
             segments: list[Any] = []
             for e in entries:
                 if isinstance(e, tuple):
@@ -285,11 +278,9 @@ def _by_writer_process(
                 elif e:
                     segments.append((GAP, 0, e))
             files.append(segments)
-        program = Program.of(files, arenas)
-        if seen is not None:
-            seen.program = program
+        placed.program = Program.of(files, arenas)
     try:
-        return WRITER.write_program(paths, program, threads)
+        return WRITER.write_program(paths, placed.program, threads)
     except OSError as e:
         fs.recorder.os_errors.append(e)
         raise

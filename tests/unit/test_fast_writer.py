@@ -137,7 +137,7 @@ def test_background_saves_of_the_same_views_skip_per_tensor_work_and_stay_exact(
             ckpt.save(step).wait()
             expect[step] = {k: v.clone() for k, v in state.items()}
         assert plans.recalled == 4  # steps 2, 3, 4 (views of step 1's) and 6 (of step 5's: a new layout)
-        assert plans.seen is not None and plans.seen.program is not None
+        assert plans.seen is not None and plans.seen.placement.program is not None
     for step, values in expect.items():
         back = {k: torch.zeros_like(v) for k, v in values.items()}
         with distckpt.Checkpointer(root, {"s": back}, read_only=True) as ckpt:
