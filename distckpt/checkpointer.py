@@ -34,6 +34,7 @@ from .save import Saves
 from .save_job import SaveHandle, check_step
 from .schedule import Scheduler
 from .staging import make_stager
+from .step_guard import StepGuard
 from .topology import Topology, open_tiers
 from .upload import Uploader
 
@@ -70,6 +71,12 @@ class Checkpointer:
         timeout: for collectives; a rank that dies makes the others fail after this.
         write_threads: files written in parallel per rank.
         stager: ``"auto"``, ``"host"``, ``"pinned"``, ``"gpu"``, ``"direct"`` or a ``Stager``.
+        snapshot: ``"now"``: ``save()`` returns once every tensor is copied. ``"overlap"``
+            (with ``async_save``): it returns once what the forward pass may change is
+            copied; the copy of the optimizers' parameters and state runs beside the next
+            forward and backward, and every optimizer's ``step()`` waits until it is done.
+            Promise that nothing else changes them in place until that step
+            (``step_guard.py``).
         staging_budget: bytes of staging memory allowed; a bigger state is written
             tensor by tensor (``save()`` then blocks until written).
         read_only: restore and list only; takes no lease, cleans nothing, cannot save.
@@ -99,6 +106,7 @@ class Checkpointer:
         max_in_flight: int = 1,
         write_threads: int = 4,
         stager: Any = "auto",
+        snapshot: str = "now",
         staging_budget: int | None = None,
         read_only: bool = False,
         preemption: bool | Preemption | None = None,
@@ -120,6 +128,7 @@ class Checkpointer:
             max_in_flight=max_in_flight,
             write_threads=write_threads,
             stager=stager,
+            snapshot=snapshot,
             staging_budget=staging_budget,
             read_only=read_only,
             preemption=preemption,  # type: ignore[arg-type]
@@ -413,6 +422,7 @@ class _Parts:
             pointers=pointers if uploader is None else None,
             replicator=replicator,
             upload_every=opts.upload_every,
+            guard=StepGuard(recs.optimizers) if opts.snapshot == "overlap" else None,
         )
         scheduler = Scheduler(opts.save_policy, ranks)
         restorer = Restorer(ranks, topology, tiers, engine, replicator, repair=not opts.read_only)

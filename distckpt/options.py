@@ -15,6 +15,7 @@ from .preemption import Preemption, as_preemption
 from .retention import RetentionPolicy, as_policy, best_ranking
 from .schedule import as_save_policy
 from .staging import STAGERS
+from .step_guard import SNAPSHOTS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,7 @@ class Options:
     max_in_flight: int = 1
     write_threads: int = 4
     stager: Any = "auto"
+    snapshot: str = "now"
     staging_budget: int | None = None
     read_only: bool = False
     preemption: Preemption | None = None
@@ -56,6 +58,10 @@ class Options:
             raise ValueError(f"replicas must be an int >= 0, got {self.replicas!r}")
         if isinstance(self.stager, str) and self.stager not in STAGERS:
             raise ValueError(f"stager must be one of {STAGERS} or a Stager, got {self.stager!r}")
+        if self.snapshot not in SNAPSHOTS:
+            raise ValueError(f"snapshot must be one of {SNAPSHOTS}, got {self.snapshot!r}")
+        if self.snapshot == "overlap" and not self.async_save:
+            raise ValueError("snapshot='overlap' needs async_save=True (a synchronous save blocks training anyway)")
         if self.staging_budget is not None and self.staging_budget < 0:
             raise ValueError(f"staging_budget must be a number of bytes >= 0, got {self.staging_budget!r}")
         object.__setattr__(self, "keep", as_policy(self.keep))

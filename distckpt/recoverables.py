@@ -312,6 +312,10 @@ class Recoverables:
     def on_cuda(self) -> bool:
         return any(a.on_cuda() for a in self.adapters.values())
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers among the recoverables (``snapshot="overlap"`` holds their steps)."""
+        return [a.obj for a in self.adapters.values() if isinstance(a, OptimizerAdapter)]
+
 
 def link_optimizers(adapters: dict[str, Adapter]) -> None:
     """Tell each optimizer which recoverable module owns its parameters (FQN keys)."""

@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
@@ -48,7 +50,8 @@ from .recoverables import Recoverables
 from .replicas import Replicator
 from .retention import RetentionPolicy
 from .save_job import SaveHandle, SaveJob, check_meta, check_step
-from .staging import HostStaged, Stager
+from .staging import HostStaged, Staged, Stager
+from .step_guard import StepGuard
 from .topology import Topology
 from .upload import Cadence, Uploader
 
@@ -70,6 +73,7 @@ class Saves:
     pointers: Pointers | None = None  # latest.json / best.json, when saves commit on the primary
     replicator: Replicator | None = None  # copies of each node's local step on partner nodes
     upload_every: int | timedelta = 1  # with a local tier: every k-th save (or interval) also goes remote
+    guard: StepGuard | None = None  # snapshot="overlap": optimizer steps wait for the deferred copy
 
     def __post_init__(self) -> None:
         self.tier = self.tiers.first  # where saves are written and committed first
@@ -138,9 +142,19 @@ class Saves:
         with gc_paused():  # a few objects per tensor: no collector passes over the model while training waits
             skeletons, per_rank, tensors = self.recoverables.snapshot(self.engine.full_state)
             t_stage = time.perf_counter()
-            staged = self.stager.stage(tensors) if self.engine.writes(self.ranks) else HostStaged({})
+            staged = self._stage(tensors) if self.engine.writes(self.ranks) else HostStaged({})
         now = time.perf_counter()
         return SaveJob(step, meta, skeletons, per_rank, staged, now - t0, now - t_stage, self.stager.capacity, t0)
+
+    def _stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
+        """The copy; under ``snapshot="overlap"`` the optimizers' part of it follows, and
+        their next step waits for it (``step_guard.py``)."""
+        if self.guard is None or not (later := self.guard.later(tensors)):
+            return self.stager.stage(tensors)
+        staged = self.stager.stage(tensors, later=later)
+        if isinstance(staged, HostStaged) and staged.ready is not None:
+            self.guard.hold(staged)
+        return staged
 
     # --- 3-5: on the save thread -----------------------------------------------------------
 
@@ -328,6 +342,7 @@ class Saves:
             total_s=end - job.started,
             bytes_written=sum(r.size for r in results[self.ranks.rank][0]),
             staging_bytes=job.staging_bytes,
+            held_s=getattr(job.staged, "held", 0.0),
         )
 
     def _active_now(self) -> Container[str]:
@@ -393,6 +408,8 @@ class Saves:
             self.uploader.close()
         self.janitor.close(owner=self.topology.owns(self.tier))
         self.engine.plans.forget()  # it holds the staging views: the pool's memory goes with them
+        if self.guard is not None:
+            self.guard.close()
         self.stager.close()
 
 

@@ -8,7 +8,9 @@ pool once the save is written. Call order for one save, on every rank that write
      faulted in on a background thread; a save that comes before that is done takes the
      arena over without waiting (and faults the part not reached yet as it copies).
   1. (training thread) ``stage(tensors) -> Staged``: only the copy; the one part of
-     ``save()`` that blocks training.
+     ``save()`` that blocks training. Under ``snapshot="overlap"`` (``step_guard.py``)
+     ``stage(tensors, later=names)``: the copy of ``names`` follows on the snapshot thread
+     (``Staged.ready``) while the next optimizer step is held until it is done.
   2. (save thread) ``staged.materialize() -> {fqn: cpu tensor}`` for the writer (the
      GPU-side snapshot does its device-to-host copy here).
   3. (save thread, after the write) ``staged.release()``: the buffers return to the pool.
@@ -21,10 +23,11 @@ the state exceeds the staging memory budget). ``make_stager`` chooses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import torch
@@ -58,12 +61,17 @@ class Stager(Protocol):
         ...
 
     def reserve(self, nbytes: int) -> None: ...
-    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged: ...
+    def stage(self, tensors: dict[str, torch.Tensor], later: Collection[str] = ()) -> Staged:
+        """Copy ``tensors``; those named in ``later`` may be copied after this returns (see
+        ``PoolStager.stage``). Only called with ``later`` under ``snapshot="overlap"``."""
+        ...
+
     def close(self) -> None: ...
 
 
 class HostStaged:
-    """Tensors ready to write, plus what to do once they are written."""
+    """Tensors ready to write, plus what to do once they are written. ``ready``: a copy
+    into them still running (``snapshot="overlap"``); ``materialize`` waits for it."""
 
     def __init__(
         self,
@@ -71,13 +79,20 @@ class HostStaged:
         nbytes: int = 0,
         live: bool = False,
         on_release: Callable[[], None] | None = None,
+        ready: Future | None = None,
     ) -> None:
         self.tensors, self.nbytes, self.live, self._on_release = tensors, nbytes, live, on_release
+        self.ready = ready
+        self.held = 0.0  # seconds optimizer steps waited for ``ready`` (step_guard.py)
 
     def materialize(self) -> dict[str, torch.Tensor]:
+        if self.ready is not None:
+            self.ready.result()  # the deferred copy's error, if it failed, fails this save
         return self.tensors
 
     def release(self) -> None:
+        if self.ready is not None:
+            wait([self.ready])  # never give the buffers back while the copy still writes them
         self.tensors = {}
         if self._on_release is not None:
             self._on_release()
@@ -149,14 +164,22 @@ class PoolStager:
             self._layout = Layout(names, specs)
         return self._layout, srcs
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
+    def stage(self, tensors: dict[str, torch.Tensor], later: Collection[str] = ()) -> Staged:
+        """Copy ``tensors`` into the pool; the copy of those named in ``later`` runs on the
+        snapshot thread after this returns (``snapshot="overlap"``: the caller holds
+        whatever would change them until ``Staged.ready`` is done)."""
         self._claim()
         lay, srcs = self._layout_of(tensors)
         arena = self.host.take(lay.total)
-        dsts = _copy_into(arena, lay, srcs, non_blocking=arena.pinned)
-        _sync_devices(srcs)
+        dsts = arena.views(lay)
+        now, after = [], []
+        for name, dst, src in zip(tensors, dsts, srcs, strict=True):
+            (after if name in later else now).append((dst, src))
+        _copy_pairs(now, non_blocking=arena.pinned)
+        _sync_devices([src for _, src in now])
+        ready = _copy_later(after, non_blocking=arena.pinned) if after else None
         staged = {fqn: rewrap(t, dst) for (fqn, t), dst in zip(tensors.items(), dsts, strict=True)}
-        return HostStaged(staged, lay.total, on_release=lambda: self.host.give(arena))
+        return HostStaged(staged, lay.total, on_release=lambda: self.host.give(arena), ready=ready)
 
     def close(self) -> None:
         self._stop.set()
@@ -179,10 +202,11 @@ class DeviceSnapshotStager(PoolStager):
             self.gpu.give(self.gpu.take(nbytes))  # device memory: fast, and must be checked now
         super().reserve(nbytes)
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
+    def stage(self, tensors: dict[str, torch.Tensor], later: Collection[str] = ()) -> Staged:
+        """A device-to-device copy of everything (``later`` too: it is fast)."""
         lay, srcs = self._layout_of(tensors)
         arena = self.gpu.take(lay.total)
-        _copy_into(arena, lay, srcs, non_blocking=False)
+        _copy_pairs(list(zip(arena.views(lay), srcs, strict=True)), non_blocking=False)
         event = torch.cuda.Event()
         event.record()
         return _DeviceStaged(self, tensors, lay, arena, event)
@@ -241,30 +265,51 @@ class DirectStager:
     def reserve(self, nbytes: int) -> None:
         pass
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
-        return HostStaged(dict(tensors), live=True)
+    def stage(self, tensors: dict[str, torch.Tensor], later: Collection[str] = ()) -> Staged:
+        return HostStaged(dict(tensors), live=True)  # written before save() returns: nothing can wait
 
     def close(self) -> None:
         pass
 
 
-def _copy_into(arena: Arena, lay: Layout, srcs: list[torch.Tensor], non_blocking: bool) -> list[torch.Tensor]:
-    """Copy every tensor's local data (``srcs``, in ``lay``'s order) into its slice of
-    ``arena``; returns the slices.
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool, threads: int | None = None) -> None:
+    """``dst.copy_(src)`` for every pair (``src``: a tensor's local data, ``dst``: its slice
+    of an arena).
 
     Host-to-host copies of a big state are spread over ``copy_threads()`` threads: training
     waits for this copy in any case, and one core's memcpy is well below what the memory
     can move. Device sources copy in order (the device's copy engine sets the pace)."""
-    dsts = arena.views(lay)
-    pairs = []
+    host = []
     with torch.no_grad():  # a parameter's copy records no autograd history
-        for dst, src in zip(dsts, srcs, strict=True):
+        for dst, src in pairs:
             if src.is_cuda:
                 dst.copy_(src, non_blocking=non_blocking)
             else:
-                pairs.append((dst, src))
-        copy_parallel(pairs)
-    return dsts
+                host.append((dst, src))
+        copy_parallel(host, threads)
+
+
+def _copy_later(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool) -> Future:
+    """Start the copy of ``pairs`` on the snapshot thread; the future is done once every
+    byte is in place. It runs beside training, on one thread (training has the other
+    cores); device sources copy on a side stream that starts where the caller's stream is
+    now, so that what training queues after ``save()`` returns is not in the snapshot."""
+    devices = {src.device for _, src in pairs if src.is_cuda}
+    marks = {d: torch.cuda.current_stream(d).record_event() for d in devices}
+
+    def copy() -> None:
+        with contextlib.ExitStack() as on_side:
+            streams = []
+            for device, mark in marks.items():
+                side = _side_stream(device)
+                side.wait_event(mark)
+                on_side.enter_context(torch.cuda.stream(side))
+                streams.append(side)
+            _copy_pairs(pairs, non_blocking)
+        for side in streams:
+            side.synchronize()
+
+    return _snapshot_thread().submit(copy)
 
 
 def copy_threads() -> int:
@@ -333,6 +378,8 @@ def _copy_all(part: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     small tensors a Python loop of ``copy_`` would hold it between every two copies (the copy
     threads then take turns instead of copying together: 100,000 tensors of 1 KB, 0.18 s
     against 0.05 s)."""
+    if not part:
+        return
     with torch.no_grad():  # thread-local: the copy threads' too
         if _foreach_copy is not None:
             _foreach_copy([d for d, _ in part], [s for _, s in part])
@@ -350,6 +397,27 @@ def _copy_pool() -> ThreadPoolExecutor:
         if _copiers is None:
             _copiers = ThreadPoolExecutor(3, thread_name_prefix="distckpt-copy")  # idle threads cost nothing
         return _copiers
+
+
+_snapshotter: ThreadPoolExecutor | None = None
+_side_streams: dict[torch.device, Any] = {}
+
+
+def _snapshot_thread() -> ThreadPoolExecutor:
+    """One thread for deferred copies, in save order (a later copy done means every earlier
+    one is). Not lowered in priority: the next optimizer step waits for it."""
+    global _snapshotter
+    with _copiers_lock:
+        if _snapshotter is None:
+            _snapshotter = ThreadPoolExecutor(1, thread_name_prefix="distckpt-snapshot")
+        return _snapshotter
+
+
+def _side_stream(device: torch.device) -> Any:
+    with _copiers_lock:
+        if device not in _side_streams:
+            _side_streams[device] = torch.cuda.Stream(device)
+        return _side_streams[device]
 
 
 def _sync_devices(srcs: list[torch.Tensor]) -> None:

@@ -9,7 +9,10 @@ everything else) in a fresh process. Per round: the loop's step time is measured
 (the baseline, median of 5 steps), then one save starts and training goes on until the save
 is durable; *lost* = stall + the sum over the steps that ran meanwhile of (step time -
 baseline). The stall floor is a plain copy of the state into memory that is already faulted
-in. Methods run interleaved round by round, so drift hits them alike; medians and the
+in. The first save of each process comes right after distckpt's Checkpointer is built
+(its staging pool not faulted in yet) and is reported apart ("1st stall", "1st lost").
+``distckpt async[overlap]`` is ``snapshot="overlap"``: the optimizer's part of the copy
+runs beside the next forward and backward, its step waits for the rest. Methods run interleaved round by round, so drift hits them alike; medians and the
 spread (min-max) are reported. Writes ``<out>/overlap.json`` and ``<out>/overlap.png``.
 """
 
@@ -33,6 +36,7 @@ METHODS = (
     "dcp.async_save",
     "dcp.async_save[process]",
     "distckpt async",
+    "distckpt async[overlap]",
     "distckpt async[threads]",
     "distckpt async[buffered]",
     "distckpt async[1 copy thread]",
@@ -66,7 +70,9 @@ class _Save:
         self.done, self.wait = done, wait
 
 
-def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _Save]]:
+def _savers(model: Any, optim: Any, workdir: str) -> tuple[dict[str, Callable[[int], _Save]], Callable[[str], None]]:
+    """``({method: save(i)}, prepare(method))``; ``prepare`` builds distckpt's Checkpointer
+    (a no-op for the others), so that the first save comes right after construction."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -108,30 +114,35 @@ def _savers(model: Any, optim: Any, workdir: str) -> dict[str, Callable[[int], _
 
     ckpt: list[Any] = []
 
-    def ours(i: int) -> _Save:
-        if not ckpt:
+    def prepare(method: str) -> None:
+        if method.startswith("distckpt"):
             ckpt.append(
                 distckpt.Checkpointer(
                     os.path.join(workdir, "distckpt"),
                     {"model": model, "optim": optim},
                     async_save=True,
                     keep=distckpt.Keep(last=1),
+                    snapshot="overlap" if method.endswith("[overlap]") else "now",
                 )
             )
+
+    def ours(i: int) -> _Save:
         handle = ckpt[0].save(i)
         return _Save(handle.done, handle.wait)
 
-    return {
+    savers = {
         "torch.save": torch_save,
         "dcp.save": dcp_save,
         "dcp.async_save": dcp_async,
         "dcp.async_save[process]": lambda i: dcp_async(i, process=True),
         "distckpt async": ours,
+        "distckpt async[overlap]": ours,  # the optimizer's part copied beside the next forward/backward
         "distckpt async[threads]": ours,  # written by threads of this process (see child())
         "distckpt async[buffered]": ours,  # the writer process, through the page cache (see child())
         "distckpt async[1 copy thread]": ours,  # the staging copy on the training thread alone (see child())
         "distckpt async[new files]": ours,  # new files every save, deleted steps' not written over (see child())
     }
+    return savers, prepare
 
 
 def _stall_floor(model: Any, optim: Any) -> float:
@@ -168,16 +179,23 @@ def child(args: argparse.Namespace) -> None:
     workdir = os.path.join(args.dir, args.child.replace(" ", "_").replace("[", "_").replace("]", ""))
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    save = _savers(model, optim, workdir)[args.child]
+    savers, prepare = _savers(model, optim, workdir)
+    save = savers[args.child]
     out: dict[str, Any] = {"stall_floor": _stall_floor(model, optim), "rounds": []}
-    t0 = time.perf_counter()
-    save(0).wait()  # warm-up: first-save effects (a process to spawn, a pool to fill) are reported apart
-    out["first_save"] = time.perf_counter() - t0
+    prepare(args.child)
+    # the first save, right after construction (a process to spawn, a pool still being
+    # faulted in), beside training; reported apart
+    first = _beside_training(model, optim, x, lambda: save(0))
     # and one more: from the third save on, a job keeping its last step writes over the files
     # of the step deleted after the second (``layout/recycle.py``): the steady state is measured
     save(1).wait()
     for i in range(2, args.rounds + 2):
         out["rounds"].append(_round(model, optim, x, lambda i=i: save(i)))
+    baseline = statistics.median(r["baseline"] for r in out["rounds"])
+    first["extra"] = sum(first.pop("during")) - baseline * first["steps"]
+    first["lost"] = first["stall"] + first["extra"]
+    out["first"] = first
+    out["first_save"] = first["durable"]
     out["state_bytes"] = sum(p.numel() * 4 * 3 for p in model.parameters())
     shutil.rmtree(workdir, ignore_errors=True)
     with open(args.json, "w") as f:
@@ -188,6 +206,16 @@ def _round(model: Any, optim: Any, x: Any, start: Callable[[], _Save]) -> dict[s
     """One save beside training. The baseline step time is the median of 5 steps before and
     5 after the save (so that drift during the round cancels out)."""
     steps = [_timed_step(model, optim, x) for _ in range(5)]
+    out = _beside_training(model, optim, x, start)
+    steps += [_timed_step(model, optim, x) for _ in range(5)]
+    out["baseline"] = baseline = statistics.median(steps)
+    out["extra"] = sum(out.pop("during")) - baseline * out["steps"]
+    out["lost"] = out["stall"] + out["extra"]
+    return out
+
+
+def _beside_training(model: Any, optim: Any, x: Any, start: Callable[[], _Save]) -> dict[str, Any]:
+    """Start a save, train until it is durable: the stall, the steps' times, until durable."""
     t0 = time.perf_counter()
     pending = start()
     stall = time.perf_counter() - t0
@@ -195,12 +223,7 @@ def _round(model: Any, optim: Any, x: Any, start: Callable[[], _Save]) -> dict[s
     while not pending.done():
         during.append(_timed_step(model, optim, x))
     pending.wait()
-    durable = time.perf_counter() - t0
-    steps += [_timed_step(model, optim, x) for _ in range(5)]
-    baseline = statistics.median(steps)
-    extra = sum(during) - baseline * len(during)
-    return {"baseline": baseline, "stall": stall, "extra": extra, "lost": stall + extra, "steps": len(during),
-            "durable": durable}  # fmt: skip
+    return {"stall": stall, "during": during, "steps": len(during), "durable": time.perf_counter() - t0}
 
 
 def _timed_step(model: Any, optim: Any, x: Any) -> float:
@@ -233,7 +256,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     out = {k: statistics.median(r[k] for r in rounds) for k in ("stall", "extra", "lost", "durable", "baseline")}
     out["lost_min"], out["lost_max"] = min(r["lost"] for r in rounds), max(r["lost"] for r in rounds)
     out["stall_floor"] = statistics.median(floors)
-    out["first_save"] = statistics.median(run["first_save"] for run in runs if "error" not in run)
+    firsts = [run["first"] for run in runs if "error" not in run]
+    out["first_save"] = statistics.median(f["durable"] for f in firsts)
+    out["first_stall"] = statistics.median(f["stall"] for f in firsts)
+    out["first_lost"] = statistics.median(f["lost"] for f in firsts)
     return out
 
 
@@ -243,19 +269,25 @@ def report(results: dict[str, Any], out: str) -> list[str]:
     lines = [
         f"{results['meta']['size_gb']} GB state, {results['meta']['rounds']} rounds; stall floor (memcpy of the "
         f"state) {floor:.3f}s; step time {statistics.median(s['baseline'] for s in summ.values()):.3f}s",
-        f"{'method':30} {'stall s':>8} {'extra s':>8} {'lost s':>8} {'(min-max)':>14} {'durable s':>10} {'lost/floor':>10}",
+        f"{'method':30} {'stall s':>8} {'extra s':>8} {'lost s':>8} {'(min-max)':>14} {'durable s':>10} "
+        f"{'lost/floor':>10} {'1st stall':>10} {'1st lost':>9}",
     ]
     for name, s in summ.items():
         lines.append(
             f"{name:30} {s['stall']:8.3f} {s['extra']:8.3f} {s['lost']:8.3f} "
             f"{'(' + format(s['lost_min'], '.2f') + '-' + format(s['lost_max'], '.2f') + ')':>14} "
-            f"{s['durable']:10.2f} {s['lost'] / floor:10.1f}x"
+            f"{s['durable']:10.2f} {s['lost'] / floor:10.1f}x {s['first_stall']:10.3f} {s['first_lost']:9.3f}"
         )
-    ours, theirs = summ.get("distckpt async"), summ.get("dcp.async_save")
-    if ours and theirs:
-        lines.append(
-            f"distckpt async loses {theirs['lost'] / ours['lost']:.1f}x less training time than dcp.async_save"
-        )
+    theirs = summ.get("dcp.async_save")
+    for name in ("distckpt async", "distckpt async[overlap]"):
+        ours = summ.get(name)
+        if ours and theirs:
+            lines.append(f"{name} loses {theirs['lost'] / ours['lost']:.1f}x less training time than dcp.async_save")
+        if ours:
+            lines.append(
+                f"{name}: first save right after construction: stall {ours['first_stall'] / ours['stall']:.2f}x, "
+                f"lost {ours['first_lost'] / ours['lost']:.2f}x the later saves' (medians)"
+            )
     results["summary"] = summ
     with open(os.path.join(out, "overlap.json"), "w") as f:
         json.dump(results, f, indent=1)

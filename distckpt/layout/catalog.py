@@ -42,7 +42,9 @@ class SaveStats:
 
     ``stall_s`` is what the training loop waited for inside ``save()``;
     ``stage_s`` the device-to-host copy within it; ``write_s`` this rank's file writes;
-    ``commit_s`` the cross-rank gather plus manifest and atomic commit.
+    ``commit_s`` the cross-rank gather plus manifest and atomic commit; ``held_s``, under
+    ``snapshot="overlap"``, what optimizer steps after ``save()`` waited for the rest of the
+    copy (training time lost too; as far as known when the save commits).
     """
 
     stall_s: float = 0.0
@@ -52,6 +54,7 @@ class SaveStats:
     total_s: float = 0.0
     bytes_written: int = 0
     staging_bytes: int = 0
+    held_s: float = 0.0
 
     @property
     def write_gbps(self) -> float:

@@ -82,18 +82,21 @@ def test_the_cli_bench_command_runs_the_save_benchmark(tmp_path):
 def test_overlap_bench_measures_training_time_lost_per_save(tmp_path):
     out = tmp_path / "overlap"
     cmd = [sys.executable, "-m", "benchmarks.overlap_bench", "--size-gb", "0.05", "--rounds", "1",
-           "--methods", "torch.save,dcp.async_save,distckpt async", "--out", str(out)]  # fmt: skip
+           "--methods", "torch.save,dcp.async_save,distckpt async,distckpt async[overlap]",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "overlap.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"torch.save", "dcp.async_save", "distckpt async"}
+    assert set(summary) == {"torch.save", "dcp.async_save", "distckpt async", "distckpt async[overlap]"}
     for name, s in summary.items():
         assert s["stall"] > 0 and s["durable"] >= s["stall"] and s["baseline"] > 0, name
         assert abs(s["lost"] - (s["stall"] + s["extra"])) < 1e-9, name
+        assert 0 < s["first_stall"] <= s["first_save"], name  # the first save, right after construction
     assert summary["torch.save"]["extra"] == 0  # a synchronous save overlaps nothing: it all stalls
     assert (out / "overlap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "less training time than dcp.async_save" in proc.stdout
+    assert "first save right after construction" in proc.stdout
 
 
 def test_tensors_bench_times_many_small_tensors_against_torch_save(tmp_path):

@@ -95,6 +95,31 @@ def test_stage_is_a_snapshot_and_memory_is_reused(stager_kind):
     stager.close()
 
 
+def test_a_deferred_copy_holds_the_state_as_it_was_at_stage(stager_kind):
+    """``stage(tensors, later=names)`` (snapshot="overlap"): the copy of ``names`` may run
+    after ``stage`` returns; once ``ready`` is done (the caller's next optimizer step waits
+    for it) the tensors may change. On CUDA the deferred copy starts where the caller's
+    stream was at ``stage``: work queued just before is in it."""
+    device = "cuda" if stager_kind in NEEDS_CUDA else "cpu"
+    stager, state = STAGERS[stager_kind](), _state(device)
+    stager.reserve(sum(v.numel() * v.element_size() for v in state.values()))
+    for v in state.values():
+        v.add_(2)  # queued (on CUDA: asynchronously) right before the save
+    original = {k: v.clone() for k, v in state.items()}
+    staged = stager.stage(state, later={"model.w", "optim.step"})
+    ready = getattr(staged, "ready", None)
+    if ready is not None:
+        ready.result(30)  # what the step pre-hook waits for
+    for v in state.values():
+        v.mul_(-1)  # the optimizer step
+    written = staged.materialize()
+    expect = state if staged.live else original
+    assert all(torch.equal(written[k].cpu(), expect[k].cpu()) for k in state)
+    assert (ready is not None) == (stager_kind in ("host", "pinned"))  # pools defer; the others copy at once
+    staged.release()
+    stager.close()
+
+
 def test_a_save_right_after_reserve_takes_the_pool_over_without_waiting():
     """The reserve faults the pool in on a background thread; a save arriving first stops it
     at its next chunk and copies into the same arena (faulting the rest itself), instead
