@@ -42,6 +42,8 @@ def torchrun(args: argparse.Namespace, ckpt_dir: str, extra: list[str] | None = 
         "--mode",
         args.mode,
         *(["--async-save"] if args.async_save else []),
+        "--snapshot",
+        args.snapshot,
         *(extra or []),
     ]
 
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--mode", choices=["sharded", "chief"], default="sharded")
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--snapshot", choices=["now", "overlap"], default="now", help="with --async-save (see train.py)")
     p.add_argument("--step-sleep", type=float, default=0.02)
     args = p.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)

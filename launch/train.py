@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--mode", choices=["sharded", "chief"], default="sharded")
     p.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    p.add_argument(
+        "--snapshot",
+        choices=["now", "overlap"],
+        default="now",
+        help="with --async-save, overlap: parameters and optimizer state are copied beside the next step",
+    )
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--storage-options", default="{}", help="JSON passed to fsspec (e.g. an S3 endpoint)")
     p.add_argument("--local-dir", default=None, help="node memory or local disk in front of --ckpt-dir (/dev/shm/run)")
@@ -210,6 +216,7 @@ def train(args: argparse.Namespace, preemption: distckpt.Preemption | None) -> N
         },
         mode=args.mode,
         async_save=args.async_save,
+        snapshot=args.snapshot,
         keep=distckpt.Keep(last=args.keep_last),
         storage_options=json.loads(args.storage_options),
         local_dir=args.local_dir,

@@ -13,7 +13,8 @@ in. The first save of each process comes right after distckpt's Checkpointer is 
 (its staging pool not faulted in yet) and is reported apart ("1st stall", "1st lost").
 ``distckpt async[overlap]`` is ``snapshot="overlap"``: the optimizer's part of the copy
 runs beside the next forward and backward, its step waits for the rest. Methods run interleaved round by round, so drift hits them alike; medians and the
-spread (min-max) are reported. Writes ``<out>/overlap.json`` and ``<out>/overlap.png``.
+spread (min-max) are reported; ``--saves k`` measures k saves per process (after the first
+two), for more samples per round. Writes ``<out>/overlap.json`` and ``<out>/overlap.png``.
 """
 
 from __future__ import annotations
@@ -236,14 +237,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every method, round by round (interleaved), each round in a fresh process."""
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     results: dict[str, Any] = {
-        "meta": {"size_gb": args.size_gb, "rounds": args.rounds},
+        "meta": {"size_gb": args.size_gb, "rounds": args.rounds, "saves": args.saves},
         "methods": {n: [] for n in names},
     }
     os.makedirs(args.out, exist_ok=True)
     for r in range(args.rounds):
         for name in names:
             print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
-            argv = ["--size-gb", str(args.size_gb), "--rounds", "1", "--dir", args.dir]
+            argv = ["--size-gb", str(args.size_gb), "--rounds", str(args.saves), "--dir", args.dir]
             results["methods"][name].append(run_child("distckpt.bench.overlap", name, args.out, argv, args.timeout))
     return results
 
@@ -267,7 +268,8 @@ def report(results: dict[str, Any], out: str) -> list[str]:
     summ = {n: s for n, runs in results["methods"].items() if (s := summarize(runs))}
     floor = statistics.median(s["stall_floor"] for s in summ.values()) if summ else float("nan")
     lines = [
-        f"{results['meta']['size_gb']} GB state, {results['meta']['rounds']} rounds; stall floor (memcpy of the "
+        f"{results['meta']['size_gb']} GB state, {results['meta']['rounds']} rounds x "
+        f"{results['meta'].get('saves', 1)} saves; stall floor (memcpy of the "
         f"state) {floor:.3f}s; step time {statistics.median(s['baseline'] for s in summ.values()):.3f}s",
         f"{'method':30} {'stall s':>8} {'extra s':>8} {'lost s':>8} {'(min-max)':>14} {'durable s':>10} "
         f"{'lost/floor':>10} {'1st stall':>10} {'1st lost':>9}",
@@ -318,7 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="overlap_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--size-gb", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=3, help="measured saves per method (each in a fresh process)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds: each method once per round, in a fresh process")
+    p.add_argument("--saves", type=int, default=1, help="measured saves per process (after the first two)")
     p.add_argument("--methods", default="all", help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--out", default="bench_out/overlap")
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: <out>/work)")

@@ -10,7 +10,13 @@ from tests.support import REPO, jobs
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--mode", "chief", "--async-save", "--save-every", "7"]], ids=["sharded", "chief-async"]
+    "extra",
+    [
+        [],
+        ["--mode", "chief", "--async-save", "--save-every", "7"],
+        ["--async-save", "--snapshot", "overlap", "--save-every", "7"],
+    ],
+    ids=["sharded", "chief-async", "sharded-async-overlap"],
 )
 def test_demo_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
     cmd = [
