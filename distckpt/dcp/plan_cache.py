@@ -16,7 +16,8 @@ metadata is again exact, and the checkpoint is byte-for-byte what ``dcp.save`` w
 A background save hands the writer the same tensors every time: the staging pool's views,
 made once per layout (``arena.Layout``). For those, what the writer derives from the
 tensors alone - the signature, where each item goes in its file, the writer process's
-program - is remembered too (``Seen``), so that a save of a state of 100,000 tensors does
+program - is remembered too (``Seen``, one per arena: with ``max_in_flight=2`` saves take
+turns between two arenas), so that a save of a state of 100,000 tensors does
 no per-tensor work beyond a check that each is the very view it was last time (live
 tensors, which their owner may give new storage, are always looked at afresh).
 """
@@ -74,23 +75,35 @@ class PlanCache:
 
     def __init__(self) -> None:
         self.plan: Plan | None = None
-        self.seen: Seen | None = None
+        self.seen: Seen | None = None  # this save's views (found by ``key``), or None for live tensors
+        # the last views staged in each arena: with ``max_in_flight`` > 1 saves take turns
+        # between arenas, and each arena's views come back every other save
+        self._by_arena: dict[int, Seen] = {}
         self.hits = 0  # saves written from the remembered plan (for tests and stats)
-        self.recalled = 0  # saves whose tensors were the very views of the save before
+        self.recalled = 0  # saves whose tensors were the very views of an earlier save
 
     def key(self, tensors: dict[str, torch.Tensor]) -> str:
-        """``signature(tensors)``; not computed again for the very views of the last save."""
-        seen = self.seen
+        """``signature(tensors)``; not computed again for the very views of an earlier save
+        in the same arena."""
+        values = list(tensors.values())
+        arena = _arena_of(values)
+        seen = self._by_arena.get(arena) if arena is not None else None
         if (
             seen is not None
-            and len(seen.tensors) == len(tensors)
-            and all(map(operator.is_, seen.tensors, tensors.values()))
+            and len(seen.tensors) == len(values)
+            and all(map(operator.is_, seen.tensors, values))
             and seen.names == list(tensors)
         ):
             self.recalled += 1
+            self.seen = seen
             return seen.key
         key = signature(tensors)
-        self.seen = Seen(list(tensors), list(tensors.values()), key) if _staged(tensors.values()) else None
+        self.seen = None
+        if arena is not None:
+            self.seen = Seen(list(tensors), values, key)
+            live = {id(a) for a in shared_arenas().values()}
+            self._by_arena = {a: s for a, s in self._by_arena.items() if a in live}  # closed arenas: let go
+            self._by_arena[arena] = self.seen
         return key
 
     def recall(self, plan: Plan) -> Seen | None:
@@ -107,6 +120,7 @@ class PlanCache:
     def forget(self) -> None:
         """Let go of the remembered views (the staging pool is closing)."""
         self.seen = None
+        self._by_arena = {}
 
     def usable(self, key: str, group: Any) -> bool:
         """(every rank of ``group``) True on all ranks when every rank's plan matches."""
@@ -119,7 +133,16 @@ class PlanCache:
         return hit
 
 
-def _staged(tensors: Any) -> bool:
-    """Every tensor a plain view of a shared staging arena (memory only the pool writes)."""
+def _arena_of(tensors: list[torch.Tensor]) -> int | None:
+    """``id`` of the shared staging arena (memory only the pool writes) that every tensor is
+    a plain view of; None when any is not (live tensors, DTensors)."""
     arenas = list(shared_arenas().values())
-    return bool(arenas) and all(type(t) is torch.Tensor and find_arena(t, arenas) is not None for t in tensors)
+    if not arenas or not tensors or type(tensors[0]) is not torch.Tensor:
+        return None
+    found = find_arena(tensors[0], arenas)
+    if found is None:
+        return None
+    arena = found[0]
+    if all(type(t) is torch.Tensor and arena.locate(t) is not None for t in tensors):
+        return id(arena)
+    return None

@@ -146,6 +146,32 @@ def test_background_saves_of_the_same_views_skip_per_tensor_work_and_stay_exact(
     assert distckpt.open(root).verify().ok
 
 
+def test_saves_taking_turns_between_two_arenas_remember_each_arenas_views(root):
+    """``max_in_flight=2``: a save starts while the one before is written, so the two take
+    turns between two arenas. Each arena's views are remembered on their own (one ``Seen``
+    per arena): only the first save into each arena derives anything."""
+    state = {f"w{i}": torch.randn(8 + i % 5) for i in range(3000)}
+    expect = {}
+    with distckpt.Checkpointer(
+        root, {"s": state}, async_save=True, max_in_flight=2, keep=distckpt.Keep(last=6)
+    ) as ckpt:
+        plans = ckpt._parts.engine.plans
+        for step in range(1, 7):
+            for t in state.values():
+                t.add_(1)
+            ckpt.save(step)
+            expect[step] = {k: v.clone() for k, v in state.items()}
+        ckpt.wait()
+        arenas = len(ckpt._parts.saves.stager.host._free)
+        assert arenas == 2  # the saves did overlap
+        assert plans.recalled == 6 - arenas
+    for step, values in expect.items():
+        back = {k: torch.zeros_like(v) for k, v in values.items()}
+        with distckpt.Checkpointer(root, {"s": back}, read_only=True) as ckpt:
+            assert ckpt.restore(step=step).step == step
+        assert all(torch.equal(back[k], values[k]) for k in values), step
+
+
 def test_live_tensors_are_looked_at_afresh_every_save(root):
     """A synchronous save writes the caller's own tensors, whose storage may change between
     saves (``p.data = ...``): nothing derived from them is remembered."""
