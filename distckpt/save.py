@@ -81,11 +81,10 @@ class Saves:
         self._lock = threading.Lock()
         self._encoded: dict[str, tuple[Any, str]] = {}  # the tensor table and DCP index as JSON (state_json)
         self._pending: deque[SaveHandle] = deque()
-        self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="distckpt-save", initializer=yield_to_training)
-            if self.async_save
-            else None
-        )
+        self._executor = None
+        if self.async_save:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save", initializer=yield_to_training)
+            self._executor.submit(int)  # its thread starts now, not in the first save's stall
         self.active: set[str] = set()  # work directories of saves in flight (never "leftovers")
         self.janitor = Janitor(self.tiers, self.policy, self._active_now, self.uploader, self.pointers)
         # with a local tier: which saves also go to the remote tier

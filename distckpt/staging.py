@@ -136,6 +136,9 @@ class PoolStager:
         self._stop.clear()
         self._reserving = threading.Thread(target=fault_in, name="distckpt-reserve", daemon=True)
         self._reserving.start()
+        if nbytes >= _PARALLEL_FROM:  # the copy threads the first save will use: started now, not in its stall
+            for _ in range(copy_threads() - 1):
+                _copy_pool().submit(int)
 
     def wait_reserved(self) -> None:
         """Until the reserve has faulted in (and pinned) the whole pool."""
@@ -413,6 +416,11 @@ def _snapshot_thread() -> ThreadPoolExecutor:
         if _snapshotter is None:
             _snapshotter = ThreadPoolExecutor(1, thread_name_prefix="distckpt-snapshot")
         return _snapshotter
+
+
+def start_snapshot_thread() -> None:
+    """Start the snapshot thread now (``snapshot="overlap"``), not in the first save's stall."""
+    _snapshot_thread().submit(int)
 
 
 def _side_stream(device: torch.device) -> Any:

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .arena import local_part
 from .log import log
-from .staging import HostStaged
+from .staging import HostStaged, start_snapshot_thread
 
 SNAPSHOTS = ("now", "overlap")
 
@@ -55,6 +55,7 @@ class StepGuard:
         self._lock = threading.Lock()
         self._warned = False
         self._hook = register_optimizer_step_pre_hook(self._before_step)
+        start_snapshot_thread()
 
     def later(self, tensors: dict[str, torch.Tensor]) -> set[str]:
         """Names of ``tensors`` that only an optimizer's step changes: their copy may follow."""
