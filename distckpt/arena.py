@@ -166,6 +166,10 @@ class Arena:
             )
         return self._views[1]
 
+    def views_made(self, lay: Layout) -> list[torch.Tensor] | None:
+        """``views(lay)`` if they are made already, else None."""
+        return self._views[1] if self._views is not None and self._views[0] is lay else None
+
     def locate(self, t: torch.Tensor) -> int | None:
         """The offset in this arena of ``t``'s bytes (contiguous, on the host), or None."""
         start = t.data_ptr() - self.buf.data_ptr()

@@ -24,6 +24,7 @@ the state exceeds the staging memory budget). ``make_stager`` chooses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Collection
@@ -71,7 +72,8 @@ class Stager(Protocol):
 
 class HostStaged:
     """Tensors ready to write, plus what to do once they are written. ``ready``: a copy
-    into them still running (``snapshot="overlap"``); ``materialize`` waits for it."""
+    still running (``snapshot="overlap"``) whose result is the tensors; ``materialize``
+    waits for it."""
 
     def __init__(
         self,
@@ -87,7 +89,7 @@ class HostStaged:
 
     def materialize(self) -> dict[str, torch.Tensor]:
         if self.ready is not None:
-            self.ready.result()  # the deferred copy's error, if it failed, fails this save
+            self.tensors = self.ready.result()  # the deferred copy's error, if it failed, fails this save
         return self.tensors
 
     def release(self) -> None:
@@ -174,15 +176,30 @@ class PoolStager:
         self._claim()
         lay, srcs = self._layout_of(tensors)
         arena = self.host.take(lay.total)
-        dsts = arena.views(lay)
-        now, after = [], []
-        for name, dst, src in zip(tensors, dsts, srcs, strict=True):
-            (after if name in later else now).append((dst, src))
-        _copy_pairs(now, non_blocking=arena.pinned)
-        _sync_devices([src for _, src in now])
-        ready = _copy_later(after, non_blocking=arena.pinned) if after else None
-        staged = {fqn: rewrap(t, dst) for (fqn, t), dst in zip(tensors.items(), dsts, strict=True)}
-        return HostStaged(staged, lay.total, on_release=lambda: self.host.give(arena), ready=ready)
+        release = functools.partial(self.host.give, arena)
+        if not later:
+            dsts = arena.views(lay)
+            _copy_pairs(list(zip(dsts, srcs, strict=True)), non_blocking=arena.pinned)
+            _sync_devices(srcs)
+            return HostStaged(_rewrapped(tensors, dsts), lay.total, on_release=release)
+        now = [i for i, name in enumerate(tensors) if name not in later]
+        after = [i for i, name in enumerate(tensors) if name in later]
+        # a new layout's views (a few us each) are made on the snapshot thread; what is
+        # copied now goes through views of its own
+        made = arena.views_made(lay)
+        eager = [(made[i] if made else arena.view(lay.offsets[i], *lay.specs[i]), srcs[i]) for i in now]
+        _copy_pairs(eager, non_blocking=arena.pinned)
+        _sync_devices([src for _, src in eager])
+
+        def finish() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            dsts = arena.views(lay)
+            return [(dsts[i], srcs[i]) for i in after]
+
+        def staged() -> dict[str, torch.Tensor]:
+            return _rewrapped(tensors, arena.views(lay))
+
+        ready = _copy_later(finish, staged, [srcs[i] for i in after], non_blocking=arena.pinned)
+        return HostStaged({}, lay.total, on_release=release, ready=ready)
 
     def close(self) -> None:
         self._stop.set()
@@ -248,7 +265,7 @@ class _DeviceStaged:
             stream.wait_event(self.event)
             host.buf[: self.nbytes].copy_(self.gpu.buf[: self.nbytes], non_blocking=host.pinned)
         stream.synchronize()
-        return {fqn: rewrap(t, dst) for (fqn, t), dst in zip(self.originals.items(), host.views(self.lay), strict=True)}
+        return _rewrapped(self.originals, host.views(self.lay))
 
     def release(self) -> None:
         self.stager.gpu.give(self.gpu)
@@ -292,17 +309,23 @@ def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bo
         copy_parallel(host, threads)
 
 
-def _copy_later(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool) -> Future:
-    """Start the copy of ``pairs`` on the snapshot thread; the future is done once every
-    byte is in place. Host copies are spread over the copy threads as in ``stage``: the next
-    optimizer step waits for them, and on the 2-core VM two threads beside a one-thread
-    training loop lost it less time than one (overlap bench, 3 rounds: 0.030 s against
-    0.070 s per save). Device sources copy on a side stream that starts where the caller's
-    stream is now, so that what training queues after ``save()`` returns is not in it."""
-    devices = {src.device for _, src in pairs if src.is_cuda}
+def _copy_later(
+    pairs: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]],
+    result: Callable[[], dict[str, torch.Tensor]],
+    srcs: list[torch.Tensor],
+    non_blocking: bool,
+) -> Future:
+    """Start the copy of ``pairs()`` (sources ``srcs``) on the snapshot thread; the future's
+    result, ``result()``, comes once every byte is in place. Host copies are spread over
+    the copy threads as in ``stage``: the next optimizer step waits for them, and on the
+    2-core VM two threads beside a one-thread training loop lost it less time than one
+    (overlap bench, 3 rounds: 0.030 s against 0.070 s per save). Device sources copy on a
+    side stream that starts where the caller's stream is now, so that what training queues
+    after ``save()`` returns is not in it."""
+    devices = {src.device for src in srcs if src.is_cuda}
     marks = {d: torch.cuda.current_stream(d).record_event() for d in devices}
 
-    def copy() -> None:
+    def copy() -> dict[str, torch.Tensor]:
         with contextlib.ExitStack() as on_side:
             streams = []
             for device, mark in marks.items():
@@ -310,11 +333,17 @@ def _copy_later(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bo
                 side.wait_event(mark)
                 on_side.enter_context(torch.cuda.stream(side))
                 streams.append(side)
-            _copy_pairs(pairs, non_blocking)
+            _copy_pairs(pairs(), non_blocking)
         for side in streams:
             side.synchronize()
+        return result()
 
     return _snapshot_thread().submit(copy)
+
+
+def _rewrapped(tensors: dict[str, torch.Tensor], dsts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{fqn: its staged copy}``, DTensors rewrapped around their staged local parts."""
+    return {fqn: rewrap(t, dst) for (fqn, t), dst in zip(tensors.items(), dsts, strict=True)}
 
 
 def copy_threads() -> int:

@@ -120,6 +120,18 @@ def test_a_failed_deferred_copy_fails_its_save_not_training(root, monkeypatch):
     assert tensors_equal(model2.state_dict(), kept)
 
 
+def test_overlapped_saves_hand_the_writer_the_same_views_every_save(root):
+    """The views of a new layout are made on the snapshot thread; the writer still gets the
+    very same view objects save after save (the plan cache recalls what it derived)."""
+    model, optim = _bn_training()
+    with Checkpointer(root, {"model": model, "optim": optim}, async_save=True, snapshot="overlap") as ckpt:
+        for step in range(4):
+            _train(model, optim, step)
+            ckpt.save(step)
+        ckpt.wait()
+        assert ckpt._parts.engine.plans.recalled == 3
+
+
 def test_overlap_needs_async_saves_and_a_known_value():
     with pytest.raises(ValueError, match="async_save=True"):
         Checkpointer("/tmp/never-made", snapshot="overlap")
