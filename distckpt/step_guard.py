@@ -10,9 +10,12 @@ recoverables), starts the copy of the optimizers' parameters and state on a back
 thread, and returns. A pre-hook on every optimizer's step
 (``torch.optim.optimizer.register_optimizer_step_pre_hook``) waits until that copy is done
 before the step changes anything. When the forward and backward take longer than the copy,
-training loses nothing to it; the first save after the Checkpointer is built, whose pool
-pages are still being faulted in, is hidden the same way. (CheckFreq, FAST '21, pipelines
-its snapshot with the next iteration on the same ground.)
+training does not wait for it; the first save after the Checkpointer is built, whose pool
+pages are still being faulted in, is hidden the same way. The copy can still slow the
+forward and backward where they share the memory with it: on the 2-core CPU test machine
+the training time lost per save did not fall measurably, the stall did (0.005 s against
+0.036-0.040 s for 0.5 GB; see ``benchmarks/README.md``). (CheckFreq, FAST '21, pipelines its
+snapshot with the next iteration on the same ground.)
 
 What the caller promises: between ``save()`` and the next optimizer step nothing else
 changes parameters or optimizer state in place (``p.data.copy_(...)``,
