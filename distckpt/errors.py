@@ -68,14 +68,31 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {head}"
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def explain_storage_error(err: BaseException, url: str, step: int) -> BaseException:
     """What a low-level storage error means for the user, and what to do (``err`` itself
     when there is nothing to add)."""
     causes = list(getattr(err, "errors", {}).values()) or [err]
     for cause in causes:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(cause, OSError) and cause.errno in _FULL:
             return DistckptError(
                 f"no space left where {url} lives while writing step {step} ({cause}); free space or keep "
                 "fewer checkpoints (keep=distckpt.Keep(last=...)); earlier committed steps are intact"
             )
     return err
+
+
+def out_of_space(err: CheckpointError) -> bool:
+    """``err`` (a save's, on this rank) came from a full disk or quota (ENOSPC / EDQUOT),
+    raw or as ``explain_storage_error`` or another rank put it."""
+    for e in err.errors.values():
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, OSError) and cause.errno in _FULL:
+                return True
+            if "no space left" in str(cause).lower():  # explained, or from another rank
+                return True
+            cause = cause.__cause__
+    return False

@@ -19,9 +19,7 @@ Then ``_run(job)`` on the save thread (``async_save``) or right away. Every phas
 
 from __future__ import annotations
 
-import errno
 import itertools
-import json
 import threading
 import time
 from collections import deque
@@ -36,10 +34,10 @@ import torch
 from .background import yield_to_training
 from .dcp import DCP_METADATA
 from .engine import Engine
-from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error
+from .errors import CheckpointError, CommitError, DistckptError, explain_storage_error, out_of_space
 from .gc_paused import gc_paused
 from .janitor import Janitor, OwnWork
-from .layout.catalog import CheckpointInfo, SaveStats
+from .layout.catalog import CheckpointInfo, SaveStats, encode_state
 from .layout.lease import Lease
 from .layout.manifest import STATE_FILE, FileRecord, Manifest, checksum_bytes
 from .layout.pointer import Pointers
@@ -79,7 +77,7 @@ class Saves:
         self.tier = self.tiers.first  # where saves are written and committed first
         self._seq = itertools.count()
         self._lock = threading.Lock()
-        self._encoded: dict[str, tuple[Any, str]] = {}  # the tensor table and DCP index as JSON (state_json)
+        self._encoded: dict[str, tuple[Any, str]] = {}  # the tensor table and DCP index as JSON (encode_state)
         self._pending: deque[SaveHandle] = deque()
         self._executor = None
         if self.async_save:
@@ -200,7 +198,7 @@ class Saves:
             self._raise_if_fenced(e)
             err = e
             if tier is self.tier and self.uploader is not None:  # the remote tier can take it instead
-                if any(ranks.agree(lambda: _no_space(err), f"deciding where {what} goes", on="bg")):
+                if any(ranks.agree(lambda: out_of_space(err), f"deciding where {what} goes", on="bg")):
                     raise _DidNotFit(str(e)) from e
             raise
         finally:
@@ -286,7 +284,7 @@ class Saves:
             "layout": "contiguous",
         }
         with gc_paused():  # the encoder makes a tuple per dict entry: no collector passes over the state
-            data = state_json(state, results[0][1], self._encoded)  # + the tensor table and DCP's index
+            data = encode_state(state, results[0][1], self._encoded)  # + the tensor table and DCP's index
         storage.write_bytes(storage.join(workdir, STATE_FILE), data)
         files = {rec.name: rec for records, _, _ in results for rec in records}
         files[STATE_FILE] = FileRecord(STATE_FILE, len(data), checksum_bytes(data), 0)
@@ -412,20 +410,6 @@ class Saves:
         self.stager.close()
 
 
-def state_json(state: dict[str, Any], catalog: dict[str, Any], encoded: dict[str, tuple[Any, str]]) -> bytes:
-    """``state`` and ``catalog`` (the tensor table and DCP's index, ``dcp.write_items``) as one
-    JSON object. A save planned like the last one hands over the very same catalog objects
-    (``plan_cache``): their text is kept in ``encoded`` and not made again (100,000 tensors:
-    0.3 s per save)."""
-    parts = [json.dumps(state, allow_nan=True)[:-1]]  # state is never empty
-    for key, value in catalog.items():
-        kept = encoded.get(key)
-        if kept is None or kept[0] is not value:
-            kept = encoded[key] = (value, json.dumps(value, allow_nan=True))
-        parts.append(f", {json.dumps(key)}: {kept[1]}")
-    return ("".join(parts) + "}").encode()
-
-
 def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:
     log.info(
         "step %d committed (%s): stall %.3fs, write %.3fs (%.2f GB/s), commit %.3fs, %d bytes on this rank",
@@ -441,16 +425,3 @@ def _log_commit(info: CheckpointInfo, s: SaveStats) -> None:
 
 class _DidNotFit(Exception):
     """A save failed for lack of space on the local tier (on some node), before its commit."""
-
-
-def _no_space(err: CheckpointError) -> bool:
-    """The failure was a full local tier (ENOSPC / EDQUOT) on this rank."""
-    for e in err.errors.values():
-        cause: BaseException | None = e
-        while cause is not None:
-            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                return True
-            if "no space left" in str(cause).lower():  # explained, or from another rank
-                return True
-            cause = cause.__cause__
-    return False

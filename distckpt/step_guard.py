@@ -39,8 +39,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .arena import local_part
+from .copies import start_snapshot_thread
 from .log import log
-from .staging import HostStaged, start_snapshot_thread
+from .staging import HostStaged
 
 SNAPSHOTS = ("now", "overlap")
 

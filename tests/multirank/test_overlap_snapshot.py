@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
-from distckpt import Checkpointer, staging
+from distckpt import Checkpointer, copies, staging
 from distckpt.errors import CheckpointError
 from distckpt.recoverables import Recoverables
 from distckpt.step_guard import StepGuard
@@ -34,7 +34,7 @@ def _train(model, optim, seed):
 def _gate_the_snapshot_thread():
     """Keep the deferred copy from starting until the returned event is set."""
     gate = threading.Event()
-    staging._snapshot_thread().submit(gate.wait)
+    copies.snapshot_thread().submit(gate.wait)
     return gate
 
 
@@ -100,19 +100,19 @@ def test_a_failed_deferred_copy_fails_its_save_not_training(root, monkeypatch):
     with Checkpointer(root, {"model": model, "optim": optim}, async_save=True, snapshot="overlap") as ckpt:
         ckpt.save(1).wait()
         kept = clone_state(model.state_dict())
-        real = staging._copy_pairs
+        real = staging.copy_pairs
 
         def failing(pairs, *args, **kwargs):
             if threading.current_thread().name.startswith("distckpt-snapshot"):
                 raise OSError("injected: the deferred copy failed")
             return real(pairs, *args, **kwargs)
 
-        monkeypatch.setattr(staging, "_copy_pairs", failing)
+        monkeypatch.setattr(staging, "copy_pairs", failing)
         handle = ckpt.save(2)
         _train(model, optim, 1)  # the step does not raise the copy's error
         with pytest.raises(CheckpointError, match="deferred copy failed"):
             handle.wait()
-        monkeypatch.setattr(staging, "_copy_pairs", real)
+        monkeypatch.setattr(staging, "copy_pairs", real)
         assert [c.step for c in ckpt.list()] == [1]
     model2, optim2 = _bn_training(seed=5)
     with Checkpointer(root, {"model": model2, "optim": optim2}) as ckpt:

@@ -1,9 +1,9 @@
-"""The staging copy spread over threads (``staging.copy_parallel``): every byte lands where a
+"""The staging copy spread over threads (``copies.copy_parallel``): every byte lands where a
 plain ``copy_`` would put it, whatever the mix of tensors, and the parts are balanced."""
 
 import torch
 
-from distckpt.staging import _split, copy_parallel
+from distckpt.copies import _split, copy_parallel
 
 
 def _pairs():
