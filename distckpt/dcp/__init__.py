@@ -3,13 +3,15 @@
 ``write_items`` saves a flat ``{fqn: tensor}`` dict into a step's work directory through
 ``dcp.save`` with ``FastWriter`` (items framed and written straight from memory), or, when
 the tensors are planned like last time, without DCP's planning (``plan_cache``), and returns
-the files written (size and checksum, computed as written) plus the global tensor table; ``read_items`` fills tensors in place through ``dcp.load``,
-resharding as DCP does. Engines (chief or sharded), ``restore()`` and the tools
+the files written (size and checksum, computed as written) plus the global tensor table; ``read_items`` fills tensors in place, through ``dcp.load``
+(resharding as DCP does) unless every tensor is plain and stored whole (``direct``). Engines (chief or sharded), ``restore()`` and the tools
 (``distckpt.open``, export, transfer) all go through these two functions.
 
 Modules: ``fs`` (DCP's file system over ``Storage``, checksumming writes), ``safe``
 (no code from a checkpoint), ``shared_reader`` (each file read once across the ranks, in
-order, checksummed on the way, big items straight into place), ``errors`` (DCP's exceptions as ours).
+order, checksummed on the way, items straight into place: ``scatter``), ``direct`` (a load of
+plain tensors stored whole planned from ``state.json``'s index, not by DCP), ``errors``
+(DCP's exceptions as ours).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..layout.catalog import DCP_METADATA
 from ..layout.manifest import FileRecord, checksum_stream
 from ..storage import Storage
 from ..tree import dtype_name
+from . import direct
 from .errors import unwrap_dcp_errors
 from .fs import FileRecorder, StorageFS, StorageReader
 from .index import METADATA_KEY, from_json, to_json
@@ -150,6 +153,13 @@ def read_items(
     if contiguous:
         threads = min(8, os.cpu_count() or 1)
         reader: Any = SharedReader(storage, stepdir, group=share, files=files, threads=threads, node_local=node_local)
+        planned = direct.plan(tensors, metadata) if metadata is not None else None
+        if not _no_dist(group):  # DCP's load is collective over group: every rank plans the same way
+            planned = planned if _everyone(planned is not None, group) else None
+        if planned is not None:
+            with gc_paused():
+                reader.read_direct(planned)
+            return reader.counter
     else:
         reader = StorageReader(storage, stepdir)
     with unwrap_dcp_errors(f"reading {stepdir}", CorruptCheckpointError), gc_paused():
@@ -170,6 +180,13 @@ _load_state_dict = getattr(state_dict_loader, "_load_state_dict", None)
 
 def _no_dist(group: Any) -> bool:
     return group is None or not dist.is_available() or not dist.is_initialized()
+
+
+def _everyone(flag: bool, group: Any) -> bool:
+    """True on every rank of ``group`` (gloo) when ``flag`` is true on every rank."""
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def _dcp_save(tensors: dict[str, torch.Tensor], writer: Any, group: Any) -> Metadata:

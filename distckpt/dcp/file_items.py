@@ -1,12 +1,17 @@
-"""The items of one stored file that a rank needs, and where their bytes go as the file
-streams by in order (``SharedReader``): each item's frame head is collected and compared,
-its data lands in its destination tensor (or a buffer), and a chunk that lies inside one
-item's data can be read or received straight into place (``ItemFile.inside`` / ``landing``).
+"""The items of one stored file that a rank needs, and where their bytes go (``SharedReader``).
+
+A file this rank reads alone is read in place (``ItemFile.spans``: each item's frame head
+into a small buffer of its own, its data into its destination tensor, the bytes between
+into scratch), with scatter reads. A file that streams by in chunks from another rank is
+fed in order (``feed``): each item's frame head is collected and compared, its data lands
+in its destination tensor (or a buffer), and a chunk that lies inside one item's data can be
+read or received straight into place (``ItemFile.inside`` / ``landing``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +48,28 @@ class ItemFile:
     def __init__(self, items: list[Item]) -> None:
         self.items = sorted(items, key=lambda i: i.head_at)
         self._next = 0  # items before this one are complete
+
+    def spans(self, size: int) -> Iterator[tuple[int, int, memoryview | None]]:
+        """The whole file in order, as ``(offset, length, destination)``: each item's frame head
+        (into ``seen_head``) and data (into its tensor or buffer); None for the bytes between
+        (frame tails, alignment, items this rank does not need)."""
+        pos = 0
+        for item in self.items:
+            if item.head_at > pos:
+                yield pos, item.head_at - pos, None
+            item.seen_head = bytearray(len(item.head))
+            yield item.head_at, len(item.head), memoryview(item.seen_head)
+            if item.nbytes:
+                yield item.start, item.nbytes, memoryview(item.sink()).cast("B")
+            pos = item.end
+        if size > pos:
+            yield pos, size - pos, None
+
+    def read(self) -> None:
+        """Every item's bytes arrived (``spans``, read whole)."""
+        for item in self.items:
+            item.got = item.nbytes
+        self._next = len(self.items)
 
     def feed(self, offset: int, data: memoryview) -> None:
         """Bytes ``[offset, offset + len(data))`` of the file."""

@@ -1,7 +1,8 @@
 """Restores that read every byte of a step from storage once, whatever the number of ranks.
 
-DCP plans the load as always (so resharding works unchanged), and every rank knows which
-stored items it needs. Then, instead of each rank reading what it needs (in chief mode and
+Every rank knows which stored items it needs: from ``state.json``'s index when its tensors
+are plain and stored whole (``direct``, ``read_direct``), else from DCP's load plan (so
+resharding works unchanged; ``read_data``). Then, instead of each rank reading what it needs (in chief mode and
 DDP every rank needs everything: N ranks read the checkpoint N times), the ranks agree on
 who reads what (one ``all_gather`` of file names; ``read_schedule.schedule``):
 
@@ -12,13 +13,15 @@ who reads what (one ``all_gather`` of file names; ``read_schedule.schedule``):
   read at the same time, each ahead of the broadcasts on a thread of its own.
 
 Every file is read whole and in order, and checksummed (XXH3, against the manifest) in the
-same pass: no second read to verify. An item is located without reading anything: distckpt
-frames every tensor the same way (``writer.frame``), so its data starts right after a frame
-head that depends only on its dtype and shape; the head's bytes are compared as they stream
-by, and an item whose head differs (a checkpoint from another writer or torch) is read
-again through DCP's own item loop, never taken on trust. Large items of a file read by one
-rank land straight in their destination tensors (no copy), and so does a chunk of a shared
-file that lies inside one item's data, on the rank that reads it and on those that receive it.
+same pass: no second read to verify (unchecksummed, long stretches no rank needs are
+skipped). An item is located without reading anything: the index records where each item's
+data starts. For a step written before it did, distckpt's frames (``writer.frame``) tell:
+the data starts right after a frame head that depends only on its dtype and shape; the
+head's bytes are compared as they stream by, and an item whose head differs (a checkpoint
+from another writer or torch) is read again through DCP's own item loop, never taken on
+trust. A file read by one rank is read in place with scatter reads (``scatter``): every
+item's data straight into its destination tensor. So is a chunk of a shared file that lies
+inside one item's data, on the rank that reads it and on those that receive it.
 
 On a node-local tier (``NodeLocal``: each node holds only some files, e.g. in ``/dev/shm``)
 the trade-off is the other way round: reading a node's memory is cheap and the network is
@@ -50,20 +53,14 @@ from torch.futures import Future
 from ..errors import CorruptCheckpointError
 from ..layout.manifest import Checksum, FileRecord
 from ..storage import Storage, read_exactly
+from .direct import Direct
 from .file_items import Item, ItemFile
 from .fs import StorageFS, StorageReader
 from .read_schedule import CHUNK, Chunk, schedule
+from .scatter import LONG_PIECE, PIECE, SKIP, batches, fd_of, read_batch
 from .writer import frame
 
-_DIRECT = 1 << 20  # items at least this big, in a file only this rank reads, are read straight into place
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
-# big reads go in pieces of this size, each hashed while it is still in the CPU's cache: hashing a
-# big item whole after reading it went to memory and held the GIL long enough to starve the other
-# reader threads' disk queues (cold 1 GB restore: 0.56 s -> 0.42 s, ceiling 0.36 s)
-_PIECE = 1 << 20
-# small items and frames are read into this buffer and copied to their places from there: small
-# enough to stay in the CPU's cache between the read and the copy (32 MB: 1.5x slower restores)
-_SCRATCH = 1 << 20
 
 
 @dataclasses.dataclass
@@ -123,6 +120,17 @@ class SharedReader(StorageReader):
         self._md = metadata
 
     # --- the plan ------------------------------------------------------------------------
+
+    def read_direct(self, direct: Direct) -> None:
+        """Fill the tensors of a load planned from the index, not by DCP (``direct.plan``).
+        Every rank runs the whole schedule; then the first problem found here is raised."""
+        errors = self._read(direct.files)
+        if errors:
+            raise errors[0]
+        short = [(name, i.start) for name, f in direct.files.items() for i in f.items if i.got != i.nbytes]
+        if short:
+            raise CorruptCheckpointError(f"{short[0][0]}: the item at byte {short[0][1]} was not read whole")
+        direct.finish()
 
     def read_data(self, plan: Any, planner: Any) -> Future:
         mine: dict[str, list[Item]] = defaultdict(list)
@@ -227,8 +235,8 @@ class SharedReader(StorageReader):
         return f, (Checksum() if self.files is not None and name in self.files else None)
 
     def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:
-        for at in range(0, len(view), _PIECE):
-            piece = view[at : at + _PIECE]
+        for at in range(0, len(view), PIECE):
+            piece = view[at : at + PIECE]
             read_exactly(f, piece)
             if hasher is not None:
                 hasher.update(piece)
@@ -282,36 +290,31 @@ class SharedReader(StorageReader):
             t.join()
 
     def _solo_files(self, names: list[str], files: dict[str, ItemFile], errors: list[BaseException]) -> None:
-        scratch = memoryview(bytearray(min(_SCRATCH, max((self._size(n) for n in names), default=1))))
+        scratch, stage = memoryview(bytearray(SKIP)), memoryview(bytearray(PIECE))
         for name in names:
             try:
-                self._solo_file(name, files[name], scratch)
+                self._solo_file(name, files[name], scratch, stage)
             except BaseException as e:  # noqa: BLE001 - reported at the end, on this rank
                 errors.append(e if isinstance(e, CorruptCheckpointError) else _explain(name, e))
 
-    def _solo_file(self, name: str, file: ItemFile, scratch: memoryview) -> None:
-        size = self._size(name)
+    def _solo_file(self, name: str, file: ItemFile, scratch: memoryview, stage: memoryview) -> None:
+        """Read in place (``scatter``): frame heads, data straight into the tensors."""
         f, hasher = self._open(name)
         with f:
             try:
-                pos = 0
-
-                def pump(end: int) -> None:
-                    nonlocal pos
-                    while pos < end:
-                        n = min(len(scratch), end - pos)
-                        self._readinto(f, scratch[:n], hasher)
-                        file.feed(pos, scratch[:n])
-                        pos += n
-
-                for item in file.items:
-                    if item.dst is not None and item.nbytes >= _DIRECT and item.head_at >= pos:
-                        pump(item.start)  # up to the item's data, its frame head included
-                        if bytes(item.seen_head) != item.head:
-                            continue  # not framed as expected: pump() streams it; DCP reads it again
-                        self._readinto(f, memoryview(item.dst).cast("B"), hasher)
-                        item.got, pos = item.nbytes, item.end
-                pump(size)
+                fd = fd_of(f)
+                piece = LONG_PIECE if fd is not None and hasher is None else PIECE  # stage holds PIECE
+                spans = file.spans(self._size(name))
+                for at, views in batches(spans, scratch, whole=hasher is not None, piece=piece):
+                    read_batch(f, fd, at, views, stage)
+                    nbytes = 0
+                    for view in views:
+                        nbytes += len(view)
+                        if hasher is not None:
+                            hasher.update(view)
+                    with self._lock:
+                        self.counter.bytes += nbytes
+                        self.counter.reads += 1
             except OSError as e:
                 if gone := self._gone(name, f):
                     raise gone from e
@@ -319,6 +322,7 @@ class SharedReader(StorageReader):
             if gone := self._gone(name, f):
                 raise gone
         self._check(name, hasher)
+        file.read()
 
     # --- files several ranks need: one reads, everyone receives ------------------------------
 

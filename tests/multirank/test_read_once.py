@@ -169,3 +169,28 @@ def test_chunks_received_inside_a_tensor_land_in_place_and_damage_still_falls_ba
     want = _big(1)
     for step, _, _, state, _ in run_ranks(_restore_big, 2, root):
         assert step == 1 and all(torch.equal(state[k], want[k]) for k in want)
+
+
+def _restore_counting_dcp_plans(rank, world, root, rank_without_index_plan):
+    import distckpt.dcp as bridge
+
+    calls, real = [], bridge._dcp_load
+    bridge._dcp_load = lambda *a, **k: (calls.append(1), real(*a, **k))[1]  # a spy: DCP still loads
+    if rank == rank_without_index_plan:  # as for a rank whose state holds a DTensor
+        bridge.direct.plan = lambda tensors, index: None
+    state = {k: torch.zeros_like(v) for k, v in _expected(0).items()}
+    with Checkpointer(root, {"state": state}, mode="sharded") as ckpt:
+        info = ckpt.restore()
+    return info.step, len(calls), state
+
+
+@pytest.mark.parametrize("rank_without_index_plan", [None, 1], ids=["all-from-the-index", "one-rank-needs-dcp"])
+def test_sharded_ranks_agree_on_how_the_load_is_planned(tmp_path, rank_without_index_plan):
+    """DCP's load is collective: if one rank cannot plan from the index, every rank goes
+    through DCP's planner (no hang), and the restore is bit-exact either way."""
+    root = str(tmp_path / "ckpt")
+    run_ranks(_save, 2, root, "sharded", None, (5,))
+    results = run_ranks(_restore_counting_dcp_plans, 2, root, rank_without_index_plan)
+    want = _expected(5)
+    assert [r[1] for r in results] == ([0, 0] if rank_without_index_plan is None else [1, 1])
+    assert all(r[0] == 5 and all(torch.equal(r[2][k], want[k]) for k in want) for r in results)

@@ -135,10 +135,10 @@ def test_a_restore_of_a_step_deleted_and_written_over_meanwhile_says_so(root, mo
     writer.save(1).wait()
     writer.save(2).wait()
     old = {k: v.clone() for k, v in app["model"].items()}
-    real, fired = shared_reader.read_exactly, []
+    real, fired = shared_reader.read_batch, []
 
-    def read_exactly(f, view):
-        real(f, view)
+    def read_batch(*args):
+        real(*args)
         if not fired:  # after the reader's first read of step 1's data: step 3 deletes it, step 4 takes its files
             fired.append(True)
             for step in (3, 4):
@@ -147,7 +147,7 @@ def test_a_restore_of_a_step_deleted_and_written_over_meanwhile_says_so(root, mo
                 writer.save(step).wait()
                 writer.wait()
 
-    monkeypatch.setattr(shared_reader, "read_exactly", read_exactly)
+    monkeypatch.setattr(shared_reader, "read_batch", read_batch)
     target = {"model": {k: torch.zeros_like(v) for k, v in old.items()}}
     reader = distckpt.Checkpointer(root, target, read_only=True)
     with pytest.raises(CorruptCheckpointError, match="deleted while it was being read"):
