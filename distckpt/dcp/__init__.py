@@ -3,9 +3,11 @@
 ``write_items`` saves a flat ``{fqn: tensor}`` dict into a step's work directory through
 ``dcp.save`` with ``FastWriter`` (items framed and written straight from memory), or, when
 the tensors are planned like last time, without DCP's planning (``plan_cache``), and returns
-the files written (size and checksum, computed as written) plus the global tensor table; ``read_items`` fills tensors in place, through ``dcp.load``
-(resharding as DCP does) unless every tensor is plain and stored whole (``direct``). Engines (chief or sharded), ``restore()`` and the tools
-(``distckpt.open``, export, transfer) all go through these two functions.
+the files written (size and checksum, computed as written) plus the global tensor table.
+``read_items`` fills tensors in place, through ``dcp.load`` (resharding as DCP does) unless
+every tensor is plain and stored whole (``direct``). Engines (chief or sharded),
+``restore()`` and the tools (``distckpt.open``, export, transfer) all go through these two
+functions.
 
 Modules: ``fs`` (DCP's file system over ``Storage``, checksumming writes), ``safe``
 (no code from a checkpoint), ``shared_reader`` (each file read once across the ranks, in

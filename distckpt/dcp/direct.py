@@ -48,28 +48,19 @@ class Direct:
 def plan(tensors: dict[str, torch.Tensor], index: Any) -> Direct | None:
     """``tensors`` to fill in place, as read from the step that ``index`` (``state.json``'s
     DCP index) describes; None when DCP must plan the load."""
-    try:
-        if index.get("format") != FORMAT or not isinstance(index.get("heads"), list):
-            return None
-        stored = {t[0]: (i, t) for i, t in enumerate(index["tensors"])}
-        dtypes = [dtype_from_name(p[0]) for p in index["properties"]]
-        where = {}
-        for entry, head in zip(index["storage"], index["heads"], strict=True):
-            where[entry[0]] = (index["files"][entry[3]], entry[4], entry[5], head)
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        return None  # DCP's path reports a damaged index clearly (index.from_json)
+    whole = _stored_whole(index)
+    if whole is None:
+        return None
     items: dict[str, list[Item]] = {}
     copies = []
     for fqn, target in tensors.items():
-        if type(target) not in _PLAIN or fqn not in stored:
+        if type(target) not in _PLAIN or fqn not in whole:
             return None
-        position, (_, prop, size, chunks) = stored[fqn]
-        if len(chunks) != 1 or any(chunks[0][0]) or chunks[0][1] != size or list(target.shape) != size:
+        name, offset, length, head, dtype, size = whole[fqn]
+        if list(target.shape) != size:
             return None
         if not target.numel():
             continue  # nothing stored to read
-        name, offset, length, head = where[position]
-        dtype = dtypes[prop]
         nbytes = target.numel() * dtype.itemsize
         if head + nbytes > length:
             return None
@@ -80,3 +71,22 @@ def plan(tensors: dict[str, torch.Tensor], index: Any) -> Direct | None:
             copies.append((item, target, dtype, target.shape))
         items.setdefault(name, []).append(item)
     return Direct({name: ItemFile(found) for name, found in items.items()}, copies)
+
+
+def _stored_whole(index: Any) -> dict[str, tuple[str, int, int, int, torch.dtype, list[int]]] | None:
+    """Every tensor the index holds whole, in one chunk: ``fqn -> (file, offset, length,
+    frame head length, dtype, size)``; None for an index without ``heads`` or one that does
+    not parse (DCP's path then reports it clearly: ``index.from_json``)."""
+    try:
+        if index.get("format") != FORMAT or not isinstance(index.get("heads"), list):
+            return None
+        dtypes = [dtype_from_name(p[0]) for p in index["properties"]]
+        files, tensors = index["files"], index["tensors"]
+        out = {}
+        for (t, _, _, f, offset, length), head in zip(index["storage"], index["heads"], strict=True):
+            fqn, prop, size, chunks = tensors[t]
+            if len(chunks) == 1 and not any(chunks[0][0]) and chunks[0][1] == size:
+                out[fqn] = (files[f], int(offset), int(length), int(head), dtypes[prop], list(size))
+        return out
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None

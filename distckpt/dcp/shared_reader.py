@@ -2,9 +2,10 @@
 
 Every rank knows which stored items it needs: from ``state.json``'s index when its tensors
 are plain and stored whole (``direct``, ``read_direct``), else from DCP's load plan (so
-resharding works unchanged; ``read_data``). Then, instead of each rank reading what it needs (in chief mode and
-DDP every rank needs everything: N ranks read the checkpoint N times), the ranks agree on
-who reads what (one ``all_gather`` of file names; ``read_schedule.schedule``):
+resharding works unchanged; ``read_data``). Then, instead of each rank reading what it
+needs (in chief mode and DDP every rank needs everything: N ranks read the checkpoint N
+times), the ranks agree on who reads what (one ``all_gather`` of file names;
+``read_schedule.schedule``):
 
 * a file that one rank needs is read by that rank alone (FSDP: every rank its own shards);
 * a file that several ranks need is read by one rank - the one with the fewest bytes to
