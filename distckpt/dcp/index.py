@@ -49,6 +49,7 @@ def to_json(md: Metadata) -> dict[str, Any] | None:
         return None
     props: dict[tuple[Any, ...], int] = {}
     position: dict[str, int] = {}
+    chunk_of: dict[tuple[str, tuple[int, ...]], tuple[torch.dtype, tuple[int, ...]]] = {}  # -> dtype, sizes
     tensors = []
     for fqn, item in md.state_dict_metadata.items():
         if not isinstance(item, TensorStorageMetadata):
@@ -59,6 +60,7 @@ def to_json(md: Metadata) -> dict[str, Any] | None:
         key = (dtype_name(p.dtype), p.requires_grad, _FORMAT_NAMES[p.memory_format], p.pin_memory)
         position[fqn] = len(tensors)
         chunks = [[list(c.offsets), list(c.sizes)] for c in item.chunks]
+        chunk_of.update(((fqn, tuple(c.offsets)), (p.dtype, tuple(c.sizes))) for c in item.chunks)
         tensors.append([fqn, props.setdefault(key, len(props)), list(item.size), chunks])
     files: dict[str, int] = {}
     storage, heads = [], []
@@ -67,7 +69,10 @@ def to_json(md: Metadata) -> dict[str, Any] | None:
             return None
         where = files.setdefault(info.relative_path, len(files))
         storage.append([position[index.fqn], list(index.offset or ()), index.index, where, info.offset, info.length])
-        heads.append(_head(md.state_dict_metadata[index.fqn], index.offset))
+        chunk = chunk_of.get((index.fqn, tuple(index.offset or ())))
+        if chunk is None:
+            return None
+        heads.append(len(frame(*chunk)[0]))  # as FastWriter framed it: a tensor of the chunk's shape
     return {
         "format": FORMAT,
         "version": md.version,
@@ -78,13 +83,6 @@ def to_json(md: Metadata) -> dict[str, Any] | None:
         "storage": storage,
         "heads": heads,
     }
-
-
-def _head(item: TensorStorageMetadata, offset: Any) -> int:
-    """The length of the frame before the data of ``item``'s chunk at ``offset``, as written
-    (``FastWriter``: the frame of a tensor of the chunk's shape; built once per shape)."""
-    (sizes,) = [c.sizes for c in item.chunks if tuple(c.offsets) == tuple(offset or ())]
-    return len(frame(item.properties.dtype, tuple(sizes))[0])
 
 
 def from_json(data: Any, where: str) -> Metadata:
